@@ -1,0 +1,225 @@
+//! Builds every component from the config and runs them: exporters first, then pipelines,
+//! then sources; shutdown runs in the reverse order within `shutdown_timeout`.
+//!
+//! Every listener is bound before anything starts, so a port in use is a clear start-up
+//! error rather than a half-running agent.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ListenAddr};
+use crate::exporters::{driver, jaeger, BuildError};
+use crate::pipeline::enrich::NodeEnricher;
+use crate::pipeline::{self, Pipeline};
+use crate::signal::{Logs, Metrics as MetricsData, Signal, Traces};
+use crate::sources::otlp::{self, Intake};
+use crate::telemetry::{Metrics, Readiness};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+async fn bind(key: &'static str, addr: ListenAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr.0).await.map_err(|source| StartError::Bind { key, addr: addr.0, source })
+}
+
+/// A running component task, watched so a failure is logged, counted and shown in /readyz.
+struct Task {
+    name: &'static str,
+    handle: JoinHandle<()>,
+}
+
+fn supervise<F>(name: &'static str, metrics: &Metrics, readiness: &Readiness, future: F) -> Task
+where
+    F: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let ready = readiness.register(name);
+    let metrics = metrics.clone();
+    let inner = tokio::spawn(future);
+    ready.ready();
+    let handle = tokio::spawn(async move {
+        let failure = match inner.await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error,
+            Err(join) if join.is_panic() => format!("panicked: {join}"),
+            Err(join) => format!("stopped: {join}"),
+        };
+        tracing::error!(component = name, error = %failure, "component failed");
+        metrics.task_failed(name);
+        ready.failed(failure);
+    });
+    Task { name, handle }
+}
+
+/// Runs the agent until `shutdown` completes, then shuts down gracefully.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let metrics = Metrics::new();
+    let readiness = Readiness::default();
+    let node_name = config.effective_node_name();
+
+    // Bind everything first.
+    let admin_listener = bind("server.listen", config.server.listen).await?;
+    let grpc_listener = match config.sources.otlp.grpc {
+        Some(addr) => Some(bind("sources.otlp.grpc", addr).await?),
+        None => None,
+    };
+    let http_listener = match config.sources.otlp.http {
+        Some(addr) => Some(bind("sources.otlp.http", addr).await?),
+        None => None,
+    };
+
+    let stop_admin = CancellationToken::new();
+    let stop_sources = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+
+    let admin_router = admin::router(AdminState { metrics: metrics.clone(), readiness: readiness.clone() });
+    let admin_task = {
+        let stop = stop_admin.clone();
+        supervise("server", &metrics, &readiness, async move {
+            axum::serve(admin_listener, admin_router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+                .map_err(|e| e.to_string())
+        })
+    };
+
+    // Exporters.
+    let mut exporter_tasks = Vec::new();
+    let mut trace_consumers = Vec::new();
+    if let Some(jaeger_config) = &config.exporters.jaeger {
+        let (exporter, settings) = jaeger::build(jaeger_config)?;
+        let component = metrics.component("jaeger", Signal::Traces);
+        let (handle, input) = pipeline::consumer::<Traces>(settings.queue_items, component.clone());
+        tracing::info!(target_url = %exporter.target(), protocol = ?jaeger_config.protocol, "exporting traces to Jaeger");
+        trace_consumers.push(handle);
+        let hard_stop = hard_stop.clone();
+        exporter_tasks.push(supervise(jaeger::KEY, &metrics, &readiness, async move {
+            driver::run(exporter, input, settings, component, hard_stop).await;
+            Ok(())
+        }));
+    }
+    warn_unavailable(&config);
+
+    // Pipelines.
+    let enricher = NodeEnricher::for_environment(node_name.clone());
+    let traces = Arc::new(Pipeline::new(enricher.clone(), trace_consumers, metrics.component("pipeline", Signal::Traces)));
+    let metrics_pipeline = Arc::new(Pipeline::<MetricsData>::new(enricher.clone(), Vec::new(), metrics.component("pipeline", Signal::Metrics)));
+    let logs = Arc::new(Pipeline::<Logs>::new(enricher, Vec::new(), metrics.component("pipeline", Signal::Logs)));
+
+    // Sources.
+    let mut source_tasks = Vec::new();
+    let max_request_size = config.sources.otlp.max_request_size.as_usize();
+    if let Some(listener) = grpc_listener {
+        let intakes = otlp::grpc::Intakes {
+            traces: Intake::new(traces.clone(), metrics.receiver("otlp_grpc", Signal::Traces)),
+            metrics: Intake::new(metrics_pipeline.clone(), metrics.receiver("otlp_grpc", Signal::Metrics)),
+            logs: Intake::new(logs.clone(), metrics.receiver("otlp_grpc", Signal::Logs)),
+        };
+        let tls = config.sources.otlp.tls.clone();
+        let stop = stop_sources.clone();
+        tracing::info!(addr = %config.sources.otlp.grpc.map(|a| a.to_string()).unwrap_or_default(), "OTLP/gRPC receiver listening");
+        source_tasks.push(supervise("sources.otlp.grpc", &metrics, &readiness, async move {
+            otlp::grpc::serve(listener, intakes, max_request_size, tls.as_ref(), async move { stop.cancelled().await }).await
+        }));
+    }
+    if let Some(listener) = http_listener {
+        let router = otlp::http::router(
+            Intake::new(traces.clone(), metrics.receiver("otlp_http", Signal::Traces)),
+            Intake::new(metrics_pipeline.clone(), metrics.receiver("otlp_http", Signal::Metrics)),
+            Intake::new(logs.clone(), metrics.receiver("otlp_http", Signal::Logs)),
+            max_request_size,
+        );
+        let stop = stop_sources.clone();
+        tracing::info!(addr = %config.sources.otlp.http.map(|a| a.to_string()).unwrap_or_default(), "OTLP/HTTP receiver listening");
+        source_tasks.push(supervise("sources.otlp.http", &metrics, &readiness, async move {
+            otlp::http::serve(listener, router, async move { stop.cancelled().await })
+                .await
+                .map_err(|e| e.to_string())
+        }));
+    }
+    // From here on only the sources hold the pipelines: when they stop, the exporters' inputs close.
+    drop((traces, metrics_pipeline, logs));
+
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node = %node_name,
+        admin = %config.server.listen,
+        "periscope started"
+    );
+    shutdown.await;
+
+    // Shutdown: sources, then exporters (flushing), then the admin server.
+    let deadline = Instant::now() + config.shutdown_timeout;
+    tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: flushing pipelines");
+    readiness.stopping();
+    stop_sources.cancel();
+    for task in source_tasks {
+        if tokio::time::timeout_at(deadline, task.handle).await.is_err() {
+            tracing::warn!(component = task.name, "still stopping at the shutdown deadline");
+        }
+    }
+    let mut pending = Vec::new();
+    for task in exporter_tasks {
+        let mut handle = task.handle;
+        if tokio::time::timeout_at(deadline, &mut handle).await.is_err() {
+            pending.push((task.name, handle));
+        }
+    }
+    if !pending.is_empty() {
+        // Out of time: what is still queued is dropped and counted with reason `shutdown`.
+        hard_stop.cancel();
+        for (name, handle) in pending {
+            tracing::warn!(component = name, "shutdown deadline reached; dropping what is still queued");
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), handle).await;
+        }
+    }
+    stop_admin.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_task.handle).await;
+    tracing::info!("periscope stopped");
+    Ok(())
+}
+
+/// Sections that are configured but whose components are not part of this version yet.
+fn warn_unavailable(config: &Config) {
+    let mut unavailable = Vec::new();
+    if !config.sources.prometheus.static_targets.is_empty() || config.sources.prometheus.kubernetes_pods {
+        unavailable.push("sources.prometheus");
+    }
+    if config.sources.host_metrics.enabled {
+        unavailable.push("sources.host_metrics");
+    }
+    if !config.sources.logs.is_empty() {
+        unavailable.push("sources.logs");
+    }
+    if !config.sources.pprof.targets.is_empty() {
+        unavailable.push("sources.pprof");
+    }
+    if config.paths.enabled {
+        unavailable.push("paths");
+    }
+    if config.exporters.prometheus.is_some() {
+        unavailable.push("exporters.prometheus");
+    }
+    if config.exporters.prometheus_remote_write.is_some() {
+        unavailable.push("exporters.prometheus_remote_write");
+    }
+    if config.exporters.loki.is_some() {
+        unavailable.push("exporters.loki");
+    }
+    if !unavailable.is_empty() {
+        tracing::warn!(
+            sections = %unavailable.join(", "),
+            "configured but not available in this version; metrics and logs received over OTLP are counted and dropped (periscope_dropped_items_total{{reason=\"no_exporter\"}})"
+        );
+    }
+}

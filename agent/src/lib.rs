@@ -1,0 +1,17 @@
+//! Periscope: a node agent for observability.
+//!
+//! ```text
+//! sources ──▶ pipeline (processors, fan-out) ──▶ exporters
+//!   otlp                enrich                     jaeger
+//! admin server: health, readiness, self-metrics
+//! ```
+//! [`app`] builds every component from the [`config`] and runs them; see each module for its part.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod exporters;
+pub mod pipeline;
+pub mod signal;
+pub mod sources;
+pub mod telemetry;

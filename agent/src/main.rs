@@ -1,0 +1,95 @@
+//! The `periscope` command line: parse arguments, load the config, run.
+
+use clap::{Parser, Subcommand};
+use periscope::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "periscope", version, about = "A node agent for observability: metrics, traces, logs and CPU profiles")]
+struct Cli {
+    /// Config file (YAML). Without it, $PERISCOPE_CONFIG, else the embedded default config.
+    #[arg(long, short, global = true, env = "PERISCOPE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Check a config file; errors name the key and line. Exit code 1 on error.
+    Validate,
+    /// Print the effective config, defaults filled in, as YAML.
+    PrintConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run);
+    if matches!(command, Command::Validate) && cli.config.is_none() {
+        eprintln!("periscope validate: give the file to check with --config FILE");
+        return ExitCode::from(2);
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("periscope: {errors}");
+            return ExitCode::from(1);
+        }
+    };
+    match command {
+        Command::Validate => {
+            let shown = cli.config.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+            println!("{shown}: ok");
+            ExitCode::SUCCESS
+        }
+        Command::PrintConfig => {
+            print!("{}", config.to_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Run => run(config),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    periscope::telemetry::logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("periscope").build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("periscope: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(periscope::app::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("periscope: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

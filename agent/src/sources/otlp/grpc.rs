@@ -1,0 +1,125 @@
+//! The OTLP/gRPC receiver (tonic, the generated OTLP services).
+
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use std::future::Future;
+use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Request, Response, Status};
+
+use super::{Intake, Rejection, MAX_CONCURRENT_REQUESTS};
+use crate::config::ServerTlsConfig;
+use crate::signal::status::retry_details;
+use crate::signal::{Logs, Metrics, Payload, Traces};
+
+/// The three pipelines' intakes as seen by this receiver.
+pub struct Intakes {
+    pub traces: Intake<Traces>,
+    pub metrics: Intake<Metrics>,
+    pub logs: Intake<Logs>,
+}
+
+struct Service<T>(Intake<T>);
+
+impl From<Rejection> for Status {
+    fn from(rejection: Rejection) -> Status {
+        match rejection {
+            Rejection::Malformed(message) => Status::invalid_argument(message),
+            Rejection::TooLarge(message) => Status::resource_exhausted(message),
+            Rejection::UnsupportedMediaType(message) => Status::invalid_argument(message),
+            Rejection::Full { message, retry_after } => {
+                // UNAVAILABLE is retryable for every OTLP client; RetryInfo says when.
+                let details = retry_details(Code::Unavailable as i32, &message, retry_after);
+                Status::with_details(Code::Unavailable, message, details.into())
+            }
+            Rejection::ShuttingDown => Status::unavailable("the agent is shutting down"),
+        }
+    }
+}
+
+async fn export<T: Payload, R: Default>(intake: &Intake<T>, request: Request<T>) -> Result<Response<R>, Status> {
+    intake.accept(request.into_inner()).await?;
+    Ok(Response::new(R::default()))
+}
+
+#[tonic::async_trait]
+impl TraceService for Service<Traces> {
+    async fn export(&self, request: Request<Traces>) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        export(&self.0, request).await
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Service<Metrics> {
+    async fn export(&self, request: Request<Metrics>) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        export(&self.0, request).await
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for Service<Logs> {
+    async fn export(&self, request: Request<Logs>) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        export(&self.0, request).await
+    }
+}
+
+/// tonic answers a message over the size limit with OUT_OF_RANGE; the OTLP specification
+/// wants RESOURCE_EXHAUSTED. Our services never answer OUT_OF_RANGE themselves, so every
+/// such status on this server is the size limit.
+fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").is_some_and(|v| v == "11") {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+/// Serves the OTLP gRPC services on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    intakes: Intakes,
+    max_request_size: usize,
+    tls: Option<&ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(server_tls(tls)?).map_err(|e| format!("TLS: {e}"))?;
+    }
+    let traces = TraceServiceServer::new(Service(intakes.traces))
+        .max_decoding_message_size(max_request_size)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+    let metrics = MetricsServiceServer::new(Service(intakes.metrics))
+        .max_decoding_message_size(max_request_size)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+    let logs = LogsServiceServer::new(Service(intakes.logs))
+        .max_decoding_message_size(max_request_size)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+    builder
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS))
+        .layer(tower::util::MapResponseLayer::new(oversize_is_resource_exhausted))
+        .add_service(traces)
+        .add_service(metrics)
+        .add_service(logs)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn server_tls(tls: &ServerTlsConfig) -> Result<tonic::transport::ServerTlsConfig, String> {
+    let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
+    let identity = tonic::transport::Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?);
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
+}

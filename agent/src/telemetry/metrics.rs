@@ -1,0 +1,251 @@
+//! Self-metrics (prometheus-client), all named `periscope_*`.
+//!
+//! Families are registered once; components take per-label handles at build time so the hot
+//! path is an atomic add. Every place that drops data counts it under
+//! `periscope_dropped_items_total{reason}`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+use crate::signal::Signal;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ComponentLabels {
+    component: String,
+    signal: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    component: String,
+    signal: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    component: String,
+    signal: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    component: String,
+    signal: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: String,
+}
+
+/// The agent's metric families and the registry that exposes them on `/metrics`.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    families: Families,
+}
+
+#[derive(Clone, Default)]
+struct Families {
+    received: Family<ComponentLabels, Counter>,
+    sent: Family<ComponentLabels, Counter>,
+    retried: Family<ComponentLabels, Counter>,
+    dropped: Family<ReasonLabels, Counter>,
+    export_errors: Family<KindLabels, Counter>,
+    requests: Family<OutcomeLabels, Counter>,
+    queue_items: Family<ComponentLabels, Gauge>,
+    queue_capacity: Family<ComponentLabels, Gauge>,
+    task_failures: Family<TaskLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let families = Families::default();
+        let mut registry = Registry::with_prefix("periscope");
+        registry.register(
+            "build",
+            "Periscope build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register(
+            "received_items",
+            "Items (spans, data points, log records) accepted by a source",
+            families.received.clone(),
+        );
+        registry.register(
+            "sent_items",
+            "Items an exporter delivered and the backend acknowledged",
+            families.sent.clone(),
+        );
+        registry.register(
+            "retried_items",
+            "Items whose export was retried after a retryable error",
+            families.retried.clone(),
+        );
+        registry.register(
+            "dropped_items",
+            "Items dropped, by component and reason",
+            families.dropped.clone(),
+        );
+        registry.register(
+            "export_errors",
+            "Failed export attempts by kind (retryable, throttled, permanent)",
+            families.export_errors.clone(),
+        );
+        registry.register(
+            "receiver_requests",
+            "Requests handled by a receiver, by outcome",
+            families.requests.clone(),
+        );
+        registry.register(
+            "queue_items",
+            "Items waiting in or being exported from a component's queue",
+            families.queue_items.clone(),
+        );
+        registry.register(
+            "queue_capacity_items",
+            "Capacity of a component's queue in items",
+            families.queue_capacity.clone(),
+        );
+        registry.register(
+            "task_failures",
+            "Component tasks that ended with a panic or an error",
+            families.task_failures.clone(),
+        );
+        Metrics { registry: Arc::new(registry), families }
+    }
+
+    /// The registry, for encoding `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Handles for one component handling one signal.
+    pub fn component(&self, component: &str, signal: Signal) -> ComponentMetrics {
+        let labels = ComponentLabels { component: component.to_owned(), signal: signal.as_str() };
+        ComponentMetrics {
+            component: component.to_owned(),
+            signal,
+            received: self.families.received.get_or_create(&labels).clone(),
+            sent: self.families.sent.get_or_create(&labels).clone(),
+            retried: self.families.retried.get_or_create(&labels).clone(),
+            queue_items: self.families.queue_items.get_or_create(&labels).clone(),
+            queue_capacity: self.families.queue_capacity.get_or_create(&labels).clone(),
+            families: self.families.clone(),
+        }
+    }
+
+    /// Handles for a receiver (a source answering requests).
+    pub fn receiver(&self, component: &str, signal: Signal) -> ReceiverMetrics {
+        let outcome = |outcome| {
+            self.families
+                .requests
+                .get_or_create(&OutcomeLabels {
+                    component: component.to_owned(),
+                    signal: signal.as_str(),
+                    outcome,
+                })
+                .clone()
+        };
+        ReceiverMetrics {
+            items: self.component(component, signal),
+            ok: outcome("ok"),
+            malformed: outcome("malformed"),
+            too_large: outcome("too_large"),
+            unsupported_media_type: outcome("unsupported_media_type"),
+            backpressure: outcome("backpressure"),
+        }
+    }
+
+    pub fn task_failed(&self, task: &str) {
+        self.families.task_failures.get_or_create(&TaskLabels { task: task.to_owned() }).inc();
+    }
+}
+
+/// Per-component handles; cheap to clone.
+#[derive(Clone)]
+pub struct ComponentMetrics {
+    component: String,
+    signal: Signal,
+    pub received: Counter,
+    pub sent: Counter,
+    pub retried: Counter,
+    pub queue_items: Gauge,
+    pub queue_capacity: Gauge,
+    families: Families,
+}
+
+impl ComponentMetrics {
+    pub fn dropped(&self, reason: &'static str, items: u64) {
+        if items == 0 {
+            return;
+        }
+        self.families
+            .dropped
+            .get_or_create(&ReasonLabels {
+                component: self.component.clone(),
+                signal: self.signal.as_str(),
+                reason,
+            })
+            .inc_by(items);
+    }
+
+    pub fn export_error(&self, kind: &'static str) {
+        self.families
+            .export_errors
+            .get_or_create(&KindLabels {
+                component: self.component.clone(),
+                signal: self.signal.as_str(),
+                kind,
+            })
+            .inc();
+    }
+
+    pub fn component(&self) -> &str {
+        &self.component
+    }
+}
+
+/// A receiver's handles: items plus requests by outcome.
+#[derive(Clone)]
+pub struct ReceiverMetrics {
+    pub items: ComponentMetrics,
+    pub ok: Counter,
+    pub malformed: Counter,
+    pub too_large: Counter,
+    pub unsupported_media_type: Counter,
+    pub backpressure: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_appear_in_the_text_exposition() {
+        let metrics = Metrics::new();
+        let jaeger = metrics.component("jaeger", Signal::Traces);
+        jaeger.sent.inc_by(5);
+        jaeger.dropped("permanent", 2);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, metrics.registry()).unwrap();
+        assert!(text.contains("periscope_sent_items_total{component=\"jaeger\",signal=\"traces\"} 5"), "{text}");
+        assert!(text.contains(
+            "periscope_dropped_items_total{component=\"jaeger\",signal=\"traces\",reason=\"permanent\"} 2"
+        ));
+    }
+}

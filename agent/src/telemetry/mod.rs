@@ -1,0 +1,8 @@
+//! The agent's own telemetry: self-metrics, logging, readiness of components.
+
+pub mod logging;
+pub mod metrics;
+pub mod readiness;
+
+pub use metrics::{ComponentMetrics, Metrics, ReceiverMetrics};
+pub use readiness::{Readiness, ReadyHandle};
