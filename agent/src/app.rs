@@ -112,9 +112,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     // Pipelines.
     let enricher = NodeEnricher::for_environment(node_name.clone());
-    let traces = Arc::new(Pipeline::new(enricher.clone(), trace_consumers, metrics.component("pipeline", Signal::Traces)));
-    let metrics_pipeline = Arc::new(Pipeline::<MetricsData>::new(enricher.clone(), Vec::new(), metrics.component("pipeline", Signal::Metrics)));
-    let logs = Arc::new(Pipeline::<Logs>::new(enricher, Vec::new(), metrics.component("pipeline", Signal::Logs)));
+    let traces = Arc::new(Pipeline::new(enricher.clone(), trace_consumers, metrics.drops("pipeline", Signal::Traces)));
+    let metrics_pipeline = Arc::new(Pipeline::<MetricsData>::new(enricher.clone(), Vec::new(), metrics.drops("pipeline", Signal::Metrics)));
+    let logs = Arc::new(Pipeline::<Logs>::new(enricher, Vec::new(), metrics.drops("pipeline", Signal::Logs)));
 
     // Sources.
     let mut source_tasks = Vec::new();

@@ -137,6 +137,7 @@ impl Config {
     /// The effective config as YAML, with secrets redacted.
     pub fn to_yaml(&self) -> String {
         let mut shown = self.clone();
+        shown.node_name = self.effective_node_name();
         if !shown.server.auth_token.is_empty() {
             shown.server.auth_token = "<redacted>".into();
         }
@@ -173,6 +174,13 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
             }
         }
         let path = if path == "." { String::new() } else { path };
+        // The YAML library names the enclosing mapping itself (`sources.otlp: unknown field`);
+        // the key path already says where.
+        if let Some((prefix, rest)) = message.split_once(": ") {
+            if !prefix.is_empty() && path.starts_with(prefix) {
+                message = rest.to_owned();
+            }
+        }
         ConfigError { path, line, message }
     })
 }
@@ -786,6 +794,9 @@ impl Config {
 }
 
 fn check_http_url(text: &str) -> Result<http::Uri, String> {
+    if !(text.starts_with("http://") || text.starts_with("https://")) {
+        return Err(format!("invalid URL `{text}`: it must start with http:// or https://"));
+    }
     let uri: http::Uri = text.parse().map_err(|e| format!("invalid URL `{text}`: {e}"))?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
@@ -834,7 +845,9 @@ mod tests {
         assert_eq!(config.sources.otlp.http, Some(ListenAddr::loopback(4318)));
         assert!(config.exporters.prometheus.is_some());
         assert!(config.exporters.jaeger.is_none());
-        assert_eq!(config.to_yaml(), load("").unwrap().to_yaml().replace("node_name: ''", "node_name: node-a"));
+        let mut all_defaults = load("").unwrap();
+        all_defaults.node_name = "node-a".into();
+        assert_eq!(config.to_yaml(), all_defaults.to_yaml());
     }
 
     #[test]
@@ -906,7 +919,7 @@ exporters:
         let e = &errors.errors[0];
         assert!(e.path.starts_with("sources.otlp"), "{e}");
         assert_eq!(e.line, Some(3), "{e}");
-        assert!(e.message.contains("grcp"), "{e}");
+        assert!(e.message.starts_with("unknown field `grcp`"), "{e}");
     }
 
     #[test]

@@ -266,7 +266,7 @@ mod tests {
         let metrics = Metrics::new();
         let component = metrics.component("test", Signal::Traces);
         let (handle, input) = consumer::<Traces>(100, component.clone());
-        let pipeline = Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], metrics.component("t", Signal::Traces));
+        let pipeline = Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], metrics.drops("t", Signal::Traces));
         let bodies = Arc::new(StdMutex::new(Vec::new()));
         let exporter = Scripted { script: StdMutex::new(script), bodies: bodies.clone() };
         let task = tokio::spawn(run(exporter, input, settings(), component.clone(), CancellationToken::new()));
@@ -311,7 +311,7 @@ mod tests {
         let metrics = Metrics::new();
         let component = metrics.component("test", Signal::Traces);
         let (handle, input) = consumer::<Traces>(100, component.clone());
-        let pipeline = Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], metrics.component("t", Signal::Traces));
+        let pipeline = Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], metrics.drops("t", Signal::Traces));
         let bodies = Arc::new(StdMutex::new(Vec::new()));
         let exporter = Scripted { script: StdMutex::new(vec![]), bodies: bodies.clone() };
         let mut s = settings();

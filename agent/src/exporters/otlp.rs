@@ -87,7 +87,7 @@ pub struct OtlpExporter<S: OtlpSignal> {
 }
 
 enum Transport {
-    Grpc { channel: Channel, path: http::uri::PathAndQuery, headers: HeaderMap, gzip: bool },
+    Grpc { channel: Channel, endpoint: String, path: http::uri::PathAndQuery, headers: HeaderMap, gzip: bool },
     Http { client: reqwest::Client, url: String, headers: HeaderMap },
 }
 
@@ -123,6 +123,7 @@ impl<S: OtlpSignal> OtlpExporter<S> {
                 }
                 Transport::Grpc {
                     channel: endpoint.connect_lazy(),
+                    endpoint: config.endpoint.to_owned(),
                     path: http::uri::PathAndQuery::from_static(S::GRPC_PATH),
                     headers,
                     gzip: config.compression == Compression::Gzip,
@@ -154,7 +155,7 @@ impl<S: OtlpSignal> OtlpExporter<S> {
     /// Where batches go, for logs.
     pub fn target(&self) -> String {
         match &self.transport {
-            Transport::Grpc { channel: _, path, .. } => format!("gRPC {path}"),
+            Transport::Grpc { endpoint, .. } => endpoint.clone(),
             Transport::Http { url, .. } => url.clone(),
         }
     }
@@ -167,7 +168,7 @@ fn http_path_is_empty(url: &str) -> bool {
 impl<S: OtlpSignal> Exporter for OtlpExporter<S> {
     async fn export(&self, body: Bytes) -> Result<Delivered, ExportError> {
         let response = match &self.transport {
-            Transport::Grpc { channel, path, headers, gzip } => {
+            Transport::Grpc { channel, path, headers, gzip, .. } => {
                 let mut grpc = tonic::client::Grpc::new(channel.clone())
                     .accept_compressed(CompressionEncoding::Gzip)
                     .max_decoding_message_size(4 << 20);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::signal::Payload;
-use crate::telemetry::ComponentMetrics;
+use crate::telemetry::{ComponentMetrics, Drops};
 use enrich::NodeEnricher;
 pub use queue::{Permit, Queue};
 
@@ -58,14 +58,14 @@ pub struct Pipeline<T> {
     enricher: NodeEnricher,
     consumers: Vec<ConsumerHandle<T>>,
     /// Counts payloads that have nowhere to go (no exporter for this signal yet).
-    unrouted: ComponentMetrics,
+    unrouted: Drops,
 }
 
 /// How long a full queue makes a client wait before we tell it to retry later.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl<T: Payload> Pipeline<T> {
-    pub fn new(enricher: NodeEnricher, consumers: Vec<ConsumerHandle<T>>, unrouted: ComponentMetrics) -> Self {
+    pub fn new(enricher: NodeEnricher, consumers: Vec<ConsumerHandle<T>>, unrouted: Drops) -> Self {
         Pipeline { enricher, consumers, unrouted }
     }
 
@@ -77,7 +77,7 @@ impl<T: Payload> Pipeline<T> {
             return Ok(0);
         }
         if self.consumers.is_empty() {
-            self.unrouted.dropped("no_exporter", items as u64);
+            self.unrouted.add("no_exporter", items as u64);
             return Ok(items);
         }
         // Reserve everywhere first; the permits already taken are released if one queue is full.
@@ -128,7 +128,7 @@ mod tests {
         let pipeline = Pipeline::new(
             NodeEnricher::new("n".into(), false),
             vec![big, small],
-            metrics.component("traces", Signal::Traces),
+            metrics.drops("traces", Signal::Traces),
         );
         assert_eq!(pipeline.send(traces(4), Duration::ZERO).await, Ok(4));
         let err = pipeline.send(traces(4), Duration::ZERO).await.unwrap_err();
@@ -147,7 +147,7 @@ mod tests {
     async fn payloads_are_enriched_before_delivery() {
         let metrics = Metrics::new();
         let (handle, mut rx) = consumer::<Traces>(100, metrics.component("c", Signal::Traces));
-        let pipeline = Pipeline::new(NodeEnricher::new("node-7".into(), false), vec![handle], metrics.component("traces", Signal::Traces));
+        let pipeline = Pipeline::new(NodeEnricher::new("node-7".into(), false), vec![handle], metrics.drops("traces", Signal::Traces));
         pipeline.send(traces(1), Duration::ZERO).await.unwrap();
         let delivery = rx.try_recv().unwrap();
         let resource = delivery.data.resource_spans[0].resource.as_ref().unwrap();

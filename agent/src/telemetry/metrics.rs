@@ -151,24 +151,18 @@ impl Metrics {
 
     /// Handles for a receiver (a source answering requests).
     pub fn receiver(&self, component: &str, signal: Signal) -> ReceiverMetrics {
-        let outcome = |outcome| {
-            self.families
-                .requests
-                .get_or_create(&OutcomeLabels {
-                    component: component.to_owned(),
-                    signal: signal.as_str(),
-                    outcome,
-                })
-                .clone()
-        };
+        let labels = ComponentLabels { component: component.to_owned(), signal: signal.as_str() };
         ReceiverMetrics {
-            items: self.component(component, signal),
-            ok: outcome("ok"),
-            malformed: outcome("malformed"),
-            too_large: outcome("too_large"),
-            unsupported_media_type: outcome("unsupported_media_type"),
-            backpressure: outcome("backpressure"),
+            component: component.to_owned(),
+            signal,
+            received: self.families.received.get_or_create(&labels).clone(),
+            families: self.families.clone(),
         }
+    }
+
+    /// A drop counter for a component that only ever drops (a pipeline with nowhere to send).
+    pub fn drops(&self, component: &str, signal: Signal) -> Drops {
+        Drops { component: component.to_owned(), signal, families: self.families.clone() }
     }
 
     pub fn task_failed(&self, task: &str) {
@@ -191,17 +185,8 @@ pub struct ComponentMetrics {
 
 impl ComponentMetrics {
     pub fn dropped(&self, reason: &'static str, items: u64) {
-        if items == 0 {
-            return;
-        }
-        self.families
-            .dropped
-            .get_or_create(&ReasonLabels {
-                component: self.component.clone(),
-                signal: self.signal.as_str(),
-                reason,
-            })
-            .inc_by(items);
+        Drops { component: self.component.clone(), signal: self.signal, families: self.families.clone() }
+            .add(reason, items);
     }
 
     pub fn export_error(&self, kind: &'static str) {
@@ -220,15 +205,55 @@ impl ComponentMetrics {
     }
 }
 
-/// A receiver's handles: items plus requests by outcome.
+/// A receiver's handles: items accepted, and requests by outcome.
 #[derive(Clone)]
 pub struct ReceiverMetrics {
-    pub items: ComponentMetrics,
-    pub ok: Counter,
-    pub malformed: Counter,
-    pub too_large: Counter,
-    pub unsupported_media_type: Counter,
-    pub backpressure: Counter,
+    component: String,
+    signal: Signal,
+    pub received: Counter,
+    families: Families,
+}
+
+impl ReceiverMetrics {
+    /// Counts one request under `outcome` (ok, malformed, too_large, unsupported_media_type, backpressure).
+    pub fn request(&self, outcome: &'static str) {
+        self.families
+            .requests
+            .get_or_create(&OutcomeLabels {
+                component: self.component.clone(),
+                signal: self.signal.as_str(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn component(&self) -> &str {
+        &self.component
+    }
+}
+
+/// Counts drops of one component.
+#[derive(Clone)]
+pub struct Drops {
+    component: String,
+    signal: Signal,
+    families: Families,
+}
+
+impl Drops {
+    pub fn add(&self, reason: &'static str, items: u64) {
+        if items == 0 {
+            return;
+        }
+        self.families
+            .dropped
+            .get_or_create(&ReasonLabels {
+                component: self.component.clone(),
+                signal: self.signal.as_str(),
+                reason,
+            })
+            .inc_by(items);
+    }
 }
 
 #[cfg(test)]

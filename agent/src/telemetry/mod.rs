@@ -4,5 +4,5 @@ pub mod logging;
 pub mod metrics;
 pub mod readiness;
 
-pub use metrics::{ComponentMetrics, Metrics, ReceiverMetrics};
+pub use metrics::{ComponentMetrics, Drops, Metrics, ReceiverMetrics};
 pub use readiness::{Readiness, ReadyHandle};

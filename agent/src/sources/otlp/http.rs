@@ -191,7 +191,7 @@ mod tests {
 
     fn intake<T: Payload>(metrics: &SelfMetrics) -> (Intake<T>, ConsumerInput<T>) {
         let (handle, input) = consumer::<T>(100, metrics.component("sink", T::SIGNAL));
-        let pipeline = Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], metrics.component("p", T::SIGNAL));
+        let pipeline = Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], metrics.drops("p", T::SIGNAL));
         (Intake::new(Arc::new(pipeline), metrics.receiver("otlp_http", T::SIGNAL)), input)
     }
 
@@ -287,7 +287,7 @@ mod tests {
     async fn full_pipeline_answers_503_with_retry_after() {
         let m = SelfMetrics::new();
         let (handle, _input) = consumer::<Traces>(1, m.component("sink", Signal::Traces));
-        let pipeline = Arc::new(Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], m.component("p", Signal::Traces)));
+        let pipeline = Arc::new(Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], m.drops("p", Signal::Traces)));
         let (mi, _a) = intake::<Metrics>(&m);
         let (l, _b) = intake::<Logs>(&m);
         let router = router(Intake::new(pipeline, m.receiver("otlp_http", Signal::Traces)), mi, l, 1024);

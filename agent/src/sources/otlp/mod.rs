@@ -57,8 +57,8 @@ impl<T: Payload> Intake<T> {
         }
         match self.pipeline.send(data, QUEUE_WAIT).await {
             Ok(items) => {
-                self.metrics.ok.inc();
-                self.metrics.items.received.inc_by(items as u64);
+                self.metrics.request("ok");
+                self.metrics.received.inc_by(items as u64);
                 Ok(items)
             }
             Err(SendError::Full { consumer, retry_after }) => Err(self.reject(Rejection::Full {
@@ -71,13 +71,13 @@ impl<T: Payload> Intake<T> {
 
     /// Counts a rejection by outcome and passes it through.
     pub fn reject(&self, rejection: Rejection) -> Rejection {
-        match &rejection {
-            Rejection::Malformed(_) => self.metrics.malformed.inc(),
-            Rejection::TooLarge(_) => self.metrics.too_large.inc(),
-            Rejection::UnsupportedMediaType(_) => self.metrics.unsupported_media_type.inc(),
-            Rejection::Full { .. } | Rejection::ShuttingDown => self.metrics.backpressure.inc(),
-        };
-        tracing::debug!(component = self.metrics.items.component(), ?rejection, "request rejected");
+        self.metrics.request(match &rejection {
+            Rejection::Malformed(_) => "malformed",
+            Rejection::TooLarge(_) => "too_large",
+            Rejection::UnsupportedMediaType(_) => "unsupported_media_type",
+            Rejection::Full { .. } | Rejection::ShuttingDown => "backpressure",
+        });
+        tracing::debug!(component = self.metrics.component(), ?rejection, "request rejected");
         rejection
     }
 }
