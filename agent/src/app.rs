@@ -140,11 +140,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             max_request_size,
         );
         let stop = stop_sources.clone();
+        let tls = config.sources.otlp.tls.clone();
         tracing::info!(addr = %config.sources.otlp.http.map(|a| a.to_string()).unwrap_or_default(), "OTLP/HTTP receiver listening");
         source_tasks.push(supervise("sources.otlp.http", &metrics, &readiness, async move {
-            otlp::http::serve(listener, router, async move { stop.cancelled().await })
-                .await
-                .map_err(|e| e.to_string())
+            otlp::http::serve(listener, router, tls.as_ref(), async move { stop.cancelled().await }).await
         }));
     }
     // From here on only the sources hold the pipelines: when they stop, the exporters' inputs close.

@@ -18,7 +18,9 @@ use std::future::Future;
 use std::io::Read;
 use tokio::net::TcpListener;
 
+use super::tls::{server_config, TlsListener};
 use super::{Intake, Rejection, MAX_CONCURRENT_REQUESTS};
+use crate::config::ServerTlsConfig;
 use crate::signal::status::RpcStatus;
 use crate::signal::{Logs, Metrics, Payload, Traces};
 
@@ -61,9 +63,21 @@ pub fn router(
         .with_state(receiver)
 }
 
-/// Serves the router on `listener` until `shutdown` completes.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+/// Serves the router on `listener` (over TLS when configured) until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<&ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    match tls {
+        Some(tls) => {
+            let listener = TlsListener::new(listener, server_config(tls)?).map_err(|e| e.to_string())?;
+            axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+        }
+        None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
+    }
+    .map_err(|e| e.to_string())
 }
 
 async fn handle<T>(intake: &Intake<T>, max: usize, headers: HeaderMap, body: Body) -> Response

@@ -7,6 +7,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
