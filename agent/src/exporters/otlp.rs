@@ -114,6 +114,8 @@ impl<S: OtlpSignal> OtlpExporter<S> {
                     .map_err(|e| BuildError::new(&endpoint_key, format!("invalid endpoint `{}`: {e}", config.endpoint)))?
                     .connect_timeout(config.timeout.min(Duration::from_secs(10)))
                     .tcp_nodelay(true)
+                    .initial_stream_window_size(Some(1 << 20))
+                    .initial_connection_window_size(Some(4 << 20))
                     .http2_keep_alive_interval(Duration::from_secs(30))
                     .keep_alive_while_idle(false);
                 if config.endpoint.starts_with("https://") || config.tls.is_some() {

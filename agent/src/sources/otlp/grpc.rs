@@ -87,7 +87,12 @@ pub async fn serve(
     tls: Option<&ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
-    let mut builder = tonic::transport::Server::builder();
+    // Larger HTTP/2 windows than the 64 KiB default let big export requests flow without
+    // waiting on window updates.
+    let mut builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(1 << 20))
+        .initial_connection_window_size(Some(4 << 20))
+        .tcp_nodelay(true);
     if let Some(tls) = tls {
         builder = builder.tls_config(server_tls(tls)?).map_err(|e| format!("TLS: {e}"))?;
     }
