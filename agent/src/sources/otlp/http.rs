@@ -311,4 +311,26 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(headers[header::RETRY_AFTER], "1");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        #[test]
+        fn any_body_gets_an_answer_not_a_panic(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            json in proptest::bool::ANY,
+            gzipped in proptest::bool::ANY,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let status = runtime.block_on(async {
+                let f = fixture();
+                let content_type = if json { "application/json" } else { "application/x-protobuf" };
+                let body = if gzipped { gzip(&body) } else { body };
+                post(&f.router, content_type, gzipped.then_some("gzip"), body).await.0
+            });
+            proptest::prop_assert!(
+                [StatusCode::OK, StatusCode::BAD_REQUEST, StatusCode::PAYLOAD_TOO_LARGE].contains(&status),
+                "unexpected {status}"
+            );
+        }
+    }
 }
