@@ -7,6 +7,9 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResp
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
@@ -16,6 +19,7 @@ use super::{Intake, Rejection, MAX_CONCURRENT_REQUESTS};
 use crate::config::ServerTlsConfig;
 use crate::signal::status::retry_details;
 use crate::signal::{Logs, Metrics, Payload, Traces};
+use crate::telemetry::ReceiverMetrics;
 
 /// The three pipelines' intakes as seen by this receiver.
 pub struct Intakes {
@@ -68,15 +72,61 @@ impl LogsService for Service<Logs> {
     }
 }
 
-/// tonic answers a message over the size limit with OUT_OF_RANGE; the OTLP specification
-/// wants RESOURCE_EXHAUSTED. Our services never answer OUT_OF_RANGE themselves, so every
-/// such status on this server is the size limit.
-fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
-    let headers = response.headers_mut();
-    if headers.get("grpc-status").is_some_and(|v| v == "11") {
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+/// Requests that tonic refuses before our handlers run: a message over the size limit
+/// (tonic answers OUT_OF_RANGE; the OTLP specification wants RESOURCE_EXHAUSTED) and a body
+/// that does not decode or decompress (tonic answers INTERNAL; it is the client's fault, so
+/// INVALID_ARGUMENT). Our handlers answer neither code themselves, so on this server those
+/// codes always mean these failures. This layer rewrites the codes and counts the requests.
+#[derive(Clone)]
+struct DecodeFailures {
+    receivers: Arc<[(&'static str, ReceiverMetrics); 3]>,
+}
+
+#[derive(Clone)]
+struct DecodeFailuresService<S> {
+    inner: S,
+    receivers: Arc<[(&'static str, ReceiverMetrics); 3]>,
+}
+
+impl<S> tower::Layer<S> for DecodeFailures {
+    type Service = DecodeFailuresService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        DecodeFailuresService { inner, receivers: self.receivers.clone() }
     }
-    response
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for DecodeFailuresService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let receiver = self.receivers.iter().find(|(prefix, _)| path.starts_with(prefix)).map(|(_, m)| m.clone());
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = future.await?;
+            let headers = response.headers_mut();
+            let (code, outcome) = match headers.get("grpc-status").map(|v| v.as_bytes()) {
+                Some(b"11") => ("8", "too_large"),
+                Some(b"13") => ("3", "malformed"),
+                _ => return Ok(response),
+            };
+            headers.insert("grpc-status", http::HeaderValue::from_static(code));
+            if let Some(receiver) = receiver {
+                receiver.request(outcome);
+            }
+            Ok(response)
+        })
+    }
 }
 
 /// Serves the OTLP gRPC services on `listener` until `shutdown` completes.
@@ -96,6 +146,13 @@ pub async fn serve(
     if let Some(tls) = tls {
         builder = builder.tls_config(server_tls(tls)?).map_err(|e| format!("TLS: {e}"))?;
     }
+    let decode_failures = DecodeFailures {
+        receivers: Arc::new([
+            ("/opentelemetry.proto.collector.trace.v1.", intakes.traces.metrics().clone()),
+            ("/opentelemetry.proto.collector.metrics.v1.", intakes.metrics.metrics().clone()),
+            ("/opentelemetry.proto.collector.logs.v1.", intakes.logs.metrics().clone()),
+        ]),
+    };
     let traces = TraceServiceServer::new(Service(intakes.traces))
         .max_decoding_message_size(max_request_size)
         .accept_compressed(CompressionEncoding::Gzip)
@@ -110,7 +167,7 @@ pub async fn serve(
         .send_compressed(CompressionEncoding::Gzip);
     builder
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS))
-        .layer(tower::util::MapResponseLayer::new(oversize_is_resource_exhausted))
+        .layer(decode_failures)
         .add_service(traces)
         .add_service(metrics)
         .add_service(logs)

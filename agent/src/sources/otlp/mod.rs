@@ -51,6 +51,10 @@ impl<T: Payload> Intake<T> {
         Intake { pipeline, metrics }
     }
 
+    pub fn metrics(&self) -> &ReceiverMetrics {
+        &self.metrics
+    }
+
     /// Validates and forwards one decoded request.
     pub async fn accept(&self, data: T) -> Result<usize, Rejection> {
         if let Err(message) = data.check_ids() {
