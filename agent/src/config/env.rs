@@ -50,19 +50,17 @@ pub fn substitute(
                         format!("`${{{reference}}}`: `{name}` is not a valid environment variable name"),
                     ));
                 } else {
-                    match (lookup(name), default) {
-                        // `${VAR:-default}` uses the default when VAR is unset or empty, as a shell does.
-                        (Some(value), _) if !value.is_empty() || default.is_none() => {
-                            out.push_str(&value)
-                        }
-                        (_, Some(default)) => out.push_str(default),
+                    // `${VAR:-default}` uses the default when VAR is unset or empty, as a shell does.
+                    let value = lookup(name).filter(|v| !v.is_empty() || default.is_none());
+                    match (value, default) {
+                        (Some(value), _) => out.push_str(&value),
+                        (None, Some(default)) => out.push_str(default),
                         (None, None) => errors.push(ConfigError::at_line(
                             line_no,
                             format!(
                                 "environment variable {name} is not set (write `${{{name}:-default}}` to give a default)"
                             ),
                         )),
-                        (Some(_), None) => unreachable!("handled by the first arm"),
                     }
                 }
                 rest = &body[end + 1..];
