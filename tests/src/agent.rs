@@ -49,6 +49,8 @@ pub struct TestConfig {
     pub http_port: u16,
     pub shutdown_timeout: String,
     pub max_request_size: Option<String>,
+    /// The value of `sources.otlp.tls` (a flow mapping), serving both receivers over TLS.
+    pub otlp_tls: Option<String>,
     /// The body of `exporters.jaeger`, one `key: value` per line, without indentation.
     pub jaeger: Option<String>,
 }
@@ -62,6 +64,7 @@ impl Default for TestConfig {
             http_port: free_port(),
             shutdown_timeout: "10s".to_owned(),
             max_request_size: None,
+            otlp_tls: None,
             jaeger: None,
         }
     }
@@ -79,6 +82,12 @@ impl TestConfig {
 
     pub fn max_request_size(mut self, size: &str) -> Self {
         self.max_request_size = Some(size.to_owned());
+        self
+    }
+
+    /// Serves both OTLP receivers over TLS with `sources.otlp.tls: <tls>`.
+    pub fn otlp_tls(mut self, tls: impl Into<String>) -> Self {
+        self.otlp_tls = Some(tls.into());
         self
     }
 
@@ -105,6 +114,9 @@ impl TestConfig {
         let _ = writeln!(yaml, "    http: 127.0.0.1:{}", self.http_port);
         if let Some(size) = &self.max_request_size {
             let _ = writeln!(yaml, "    max_request_size: {size}");
+        }
+        if let Some(tls) = &self.otlp_tls {
+            let _ = writeln!(yaml, "    tls: {tls}");
         }
         let _ = writeln!(yaml, "  host_metrics: {{ enabled: false }}");
         let _ = writeln!(yaml, "paths: {{ enabled: false }}");
@@ -167,6 +179,7 @@ impl Agent {
             command.env(name, value);
         }
         let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", periscope_bin().display()));
+        crate::tls::install_crypto_provider();
         let client = reqwest::Client::builder().build().expect("cannot build an HTTP client");
         let mut agent = Agent { child, dir, admin, client };
         agent.wait_ready().await;

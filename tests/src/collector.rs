@@ -2,11 +2,17 @@
 //! `TraceServiceServer`) or HTTP (`POST /v1/traces`, protobuf, optionally gzip) that records
 //! every request with its headers and answers from a [`Script`], so tests can play outages
 //! and rejections and then compare what arrived with what was sent.
+//!
+//! Either can serve over TLS with the certificates of a [`Pki`], requiring clients to present
+//! a certificate of the same CA. Handshakes run in their own tasks, and each one that fails
+//! is recorded with rustls' reason, so a test can tell a refused connection from one that
+//! never came.
 
 use std::collections::VecDeque;
 use std::io::Read as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -17,16 +23,25 @@ use http::{header, HeaderMap, StatusCode};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use prost::Message as _;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 
 use crate::spans::{flatten, FlatSpan};
+use crate::tls::{Pki, ALPN_GRPC, ALPN_HTTP1};
 use crate::DEADLINE;
 
 /// Largest request the stand-in takes; far above anything the tests send.
 const MAX_REQUEST: usize = 64 << 20;
+
+/// How long a client may take over its TLS handshake before the stand-in gives up on it.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the stand-in answers one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +125,8 @@ struct Record {
     received: Vec<Received>,
     /// Requests that were not valid OTLP: the agent sent something Jaeger could not read.
     problems: Vec<String>,
+    /// Why each failed TLS handshake failed.
+    failed_handshakes: Vec<String>,
 }
 
 struct Shared {
@@ -117,6 +134,7 @@ struct Shared {
     record: Mutex<Record>,
     accepted_spans: watch::Sender<usize>,
     requests: watch::Sender<usize>,
+    failed_handshakes: watch::Sender<usize>,
 }
 
 impl Shared {
@@ -126,6 +144,7 @@ impl Shared {
             record: Mutex::new(Record::default()),
             accepted_spans: watch::Sender::new(0),
             requests: watch::Sender::new(0),
+            failed_handshakes: watch::Sender::new(0),
         })
     }
 
@@ -148,14 +167,22 @@ impl Shared {
         self.record().problems.push(problem);
         self.requests.send_modify(|n| *n += 1);
     }
+
+    fn failed_handshake(&self, reason: String) {
+        self.record().failed_handshakes.push(reason);
+        self.failed_handshakes.send_modify(|n| *n += 1);
+    }
 }
 
 /// A running stand-in; the server stops when this is dropped.
 pub struct Collector {
     addr: SocketAddr,
     protocol: &'static str,
+    tls: bool,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    /// The task that accepts connections and runs TLS handshakes, when serving TLS.
+    acceptor: Option<JoinHandle<()>>,
 }
 
 impl Collector {
@@ -164,43 +191,77 @@ impl Collector {
         let incoming = TcpIncoming::bind(([127, 0, 0, 1], 0).into()).expect("cannot bind the gRPC stand-in");
         let addr = incoming.local_addr().expect("no local address");
         let shared = Shared::new(script);
-        let service = TraceServiceServer::new(GrpcStandIn(shared.clone()))
-            .accept_compressed(CompressionEncoding::Gzip)
-            .max_decoding_message_size(MAX_REQUEST);
+        let service = grpc_service(&shared);
         let task = tokio::spawn(async move {
             if let Err(e) = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await
             {
                 eprintln!("the gRPC stand-in stopped: {e}");
             }
         });
-        Collector { addr, protocol: "grpc", shared, task }
+        Collector { addr, protocol: "grpc", tls: false, shared, task, acceptor: None }
+    }
+
+    /// [`Collector::grpc`] over TLS: `pki`'s server certificate, and clients must present a
+    /// certificate signed by `pki`'s CA.
+    pub async fn grpc_tls(script: Script, pki: &Pki) -> Collector {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("cannot bind the gRPC stand-in");
+        let addr = listener.local_addr().expect("no local address");
+        let shared = Shared::new(script);
+        let (connections, acceptor) = accept_tls(listener, pki.rustls_server(ALPN_GRPC), shared.clone());
+        let incoming = ReceiverStream::new(connections).map(Ok::<_, std::io::Error>);
+        let service = grpc_service(&shared);
+        let task = tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await
+            {
+                eprintln!("the gRPC stand-in stopped: {e}");
+            }
+        });
+        Collector { addr, protocol: "grpc", tls: true, shared, task, acceptor: Some(acceptor) }
     }
 
     /// An OTLP/HTTP trace server (`POST /v1/traces`, protobuf, gzip accepted) on a free
     /// loopback port.
     pub async fn http(script: Script) -> Collector {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("cannot bind the HTTP stand-in");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("cannot bind the HTTP stand-in");
         let addr = listener.local_addr().expect("no local address");
         let shared = Shared::new(script);
-        let router = Router::new()
-            .route("/v1/traces", post(http_export))
-            .layer(DefaultBodyLimit::max(MAX_REQUEST))
-            .with_state(shared.clone());
+        let router = http_router(&shared);
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
                 eprintln!("the HTTP stand-in stopped: {e}");
             }
         });
-        Collector { addr, protocol: "http", shared, task }
+        Collector { addr, protocol: "http", tls: false, shared, task, acceptor: None }
+    }
+
+    /// [`Collector::http`] over TLS (HTTP/1.1): `pki`'s server certificate, and clients must
+    /// present a certificate signed by `pki`'s CA.
+    pub async fn http_tls(script: Script, pki: &Pki) -> Collector {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("cannot bind the HTTP stand-in");
+        let addr = listener.local_addr().expect("no local address");
+        let shared = Shared::new(script);
+        let (connections, acceptor) = accept_tls(listener, pki.rustls_server(ALPN_HTTP1), shared.clone());
+        let router = http_router(&shared);
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(TlsConnections { addr, connections }, router).await {
+                eprintln!("the HTTP stand-in stopped: {e}");
+            }
+        });
+        Collector { addr, protocol: "http", tls: true, shared, task, acceptor: Some(acceptor) }
     }
 
     pub fn address(&self) -> SocketAddr {
         self.addr
     }
 
-    /// The URL the agent's exporter is given (`http://127.0.0.1:PORT`).
+    /// The URL the agent's exporter is given: `http://127.0.0.1:PORT`, or over TLS
+    /// `https://localhost:PORT` (a name the server certificate of [`Pki::new`] holds).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// `grpc` or `http`: the value of `exporters.jaeger.protocol` that reaches this stand-in.
@@ -257,6 +318,24 @@ impl Collector {
         self.accepted_spans()
     }
 
+    /// Why each failed TLS handshake failed, in order; empty for a plain stand-in.
+    pub fn failed_handshakes(&self) -> Vec<String> {
+        self.shared.record().failed_handshakes.clone()
+    }
+
+    /// Waits until at least `n` TLS handshakes have failed; returns why each failed.
+    pub async fn wait_for_failed_handshakes(&self, n: usize) -> Vec<String> {
+        let mut counter = self.shared.failed_handshakes.subscribe();
+        let waited = tokio::time::timeout(DEADLINE, counter.wait_for(|count| *count >= n)).await.is_ok();
+        if !waited {
+            panic!(
+                "only {} of {n} failed TLS handshakes at the stand-in within {DEADLINE:?}",
+                *self.shared.failed_handshakes.borrow()
+            );
+        }
+        self.failed_handshakes()
+    }
+
     /// Waits until at least `n` requests have arrived (answered whatever the script said).
     pub async fn wait_for_requests(&self, n: usize) -> Vec<Received> {
         let mut counter = self.shared.requests.subscribe();
@@ -274,6 +353,84 @@ impl Collector {
 impl Drop for Collector {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(acceptor) = &self.acceptor {
+            acceptor.abort();
+        }
+    }
+}
+
+fn grpc_service(shared: &Arc<Shared>) -> TraceServiceServer<GrpcStandIn> {
+    TraceServiceServer::new(GrpcStandIn(shared.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_REQUEST)
+}
+
+fn http_router(shared: &Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/traces", post(http_export))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST))
+        .with_state(shared.clone())
+}
+
+/// Accepts TCP connections on `listener` and runs each TLS handshake in its own task, so a
+/// client that fails or stalls one holds up no other. Finished connections come out of the
+/// returned channel; failed handshakes go to the record.
+fn accept_tls(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    shared: Arc<Shared>,
+) -> (mpsc::Receiver<TlsStream<TcpStream>>, JoinHandle<()>) {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (sender, connections) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    eprintln!("the TLS stand-in cannot accept: {e}");
+                    return;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let sender = sender.clone();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(connection)) => {
+                        let _ = sender.send(connection).await;
+                    }
+                    Ok(Err(e)) => shared.failed_handshake(e.to_string()),
+                    Err(_) => shared.failed_handshake(format!("no handshake within {HANDSHAKE_TIMEOUT:?}")),
+                }
+            });
+        }
+    });
+    (connections, task)
+}
+
+/// The connections of [`accept_tls`] as a listener for `axum::serve`.
+struct TlsConnections {
+    addr: SocketAddr,
+    connections: mpsc::Receiver<TlsStream<TcpStream>>,
+}
+
+impl axum::serve::Listener for TlsConnections {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.connections.recv().await {
+            Some(connection) => {
+                let peer = connection.get_ref().0.peer_addr().unwrap_or(self.addr);
+                (connection, peer)
+            }
+            // The acceptor stopped: so does this server, waiting for its task to be aborted.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
     }
 }
 

@@ -12,12 +12,15 @@
 //! - [`spans`]: received requests flattened into spans for exact comparisons.
 //! - [`prometheus`]: the agent's `/metrics` text parsed into queryable samples.
 //! - [`otlp`]: builders of OTLP requests with known content, and raw clients.
+//! - [`tls`]: a private CA and the certificates it signed, for receivers and stand-ins
+//!   that speak TLS.
 
 mod agent;
 mod collector;
 pub mod otlp;
 pub mod prometheus;
 pub mod spans;
+pub mod tls;
 
 pub use agent::{periscope_bin, run_to_exit, Agent, Exited, TestConfig};
 pub use collector::{Collector, Received, Reply, Script};

@@ -200,6 +200,7 @@ impl HttpAnswer {
 /// `POST url` with a fresh client (its own connection), the given content type, optional
 /// content encoding and body.
 pub async fn post(url: &str, content_type: &str, content_encoding: Option<&str>, body: Vec<u8>) -> HttpAnswer {
+    crate::tls::install_crypto_provider();
     let client = reqwest::Client::builder().build().expect("cannot build an HTTP client");
     let mut request = client.post(url).header(http::header::CONTENT_TYPE, content_type).body(body);
     if let Some(encoding) = content_encoding {

@@ -83,7 +83,10 @@ pub async fn run<T: Payload, E: Exporter>(
     }
 
     let mut open = Batch::new();
-    let mut deadline: Option<Instant> = None;
+    // One timer for the open batch, re-armed when a batch opens (not re-created per delivery).
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut timer_armed = false;
     loop {
         tokio::select! {
             delivery = input.recv() => {
@@ -96,15 +99,18 @@ pub async fn run<T: Payload, E: Exporter>(
                 }
                 open.items += delivery.items;
                 open.permits.push(delivery.permit);
-                deadline.get_or_insert_with(|| Instant::now() + settings.batch_timeout);
+                if !timer_armed {
+                    timer.as_mut().reset(Instant::now() + settings.batch_timeout);
+                    timer_armed = true;
+                }
                 if open.items >= settings.max_batch_items {
                     let _ = ready_tx.send(std::mem::replace(&mut open, Batch::new()));
-                    deadline = None;
+                    timer_armed = false;
                 }
             }
-            _ = sleep_until(deadline) => {
+            _ = timer.as_mut(), if timer_armed => {
                 let _ = ready_tx.send(std::mem::replace(&mut open, Batch::new()));
-                deadline = None;
+                timer_armed = false;
             }
         }
     }
@@ -116,13 +122,6 @@ pub async fn run<T: Payload, E: Exporter>(
         if let Err(e) = result {
             tracing::error!(component = metrics.component(), error = %e, "export worker failed");
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
