@@ -170,7 +170,7 @@ fn http_path_is_empty(url: &str) -> bool {
 impl<S: OtlpSignal> Exporter for OtlpExporter<S> {
     async fn export(&self, body: Bytes) -> Result<Delivered, ExportError> {
         let response = match &self.transport {
-            Transport::Grpc { channel, path, headers, gzip, .. } => {
+            Transport::Grpc { channel, endpoint, path, headers, gzip } => {
                 let mut grpc = tonic::client::Grpc::new(channel.clone())
                     .accept_compressed(CompressionEncoding::Gzip)
                     .max_decoding_message_size(4 << 20);
@@ -178,7 +178,7 @@ impl<S: OtlpSignal> Exporter for OtlpExporter<S> {
                     grpc = grpc.send_compressed(CompressionEncoding::Gzip);
                 }
                 grpc.ready().await.map_err(|e| ExportError::Retryable {
-                    reason: format!("cannot connect: {e}"),
+                    reason: format!("cannot connect to {endpoint}: {}", error_chain(&e)),
                     after: None,
                 })?;
                 let mut request = tonic::Request::new(body);
@@ -187,7 +187,7 @@ impl<S: OtlpSignal> Exporter for OtlpExporter<S> {
                 grpc.unary(request, path.clone(), codec)
                     .await
                     .map(tonic::Response::into_inner)
-                    .map_err(|status| classify_grpc(&status))?
+                    .map_err(|status| classify_grpc(&status, endpoint))?
             }
             Transport::Http { client, url, headers } => send_http::<S>(client, url, headers, body).await?,
         };
@@ -272,8 +272,13 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// The OTLP specification's classes for gRPC status codes.
-pub fn classify_grpc(status: &Status) -> ExportError {
-    let reason = format!("gRPC {:?}: {}", status.code(), status.message());
+pub fn classify_grpc(status: &Status, endpoint: &str) -> ExportError {
+    // The cause of a transport failure (a TLS alert, a reset) is in the source chain.
+    let mut reason = format!("gRPC {:?} from {endpoint}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        reason.push_str(": ");
+        reason.push_str(&error_chain(source));
+    }
     let after = retry_delay(status.details());
     match status.code() {
         Code::Cancelled
@@ -359,16 +364,16 @@ mod tests {
 
     #[test]
     fn grpc_codes_are_classified_as_the_specification_says() {
-        assert_eq!(classify_grpc(&Status::unavailable("x")).kind(), "retryable");
-        assert_eq!(classify_grpc(&Status::deadline_exceeded("x")).kind(), "retryable");
-        assert_eq!(classify_grpc(&Status::invalid_argument("x")).kind(), "permanent");
-        assert_eq!(classify_grpc(&Status::permission_denied("x")).kind(), "permanent");
+        assert_eq!(classify_grpc(&Status::unavailable("x"), "e").kind(), "retryable");
+        assert_eq!(classify_grpc(&Status::deadline_exceeded("x"), "e").kind(), "retryable");
+        assert_eq!(classify_grpc(&Status::invalid_argument("x"), "e").kind(), "permanent");
+        assert_eq!(classify_grpc(&Status::permission_denied("x"), "e").kind(), "permanent");
         // RESOURCE_EXHAUSTED is retried only when the server says when.
-        assert_eq!(classify_grpc(&Status::resource_exhausted("x")).kind(), "permanent");
+        assert_eq!(classify_grpc(&Status::resource_exhausted("x"), "e").kind(), "permanent");
         let details = retry_details(8, "slow down", Duration::from_secs(3));
-        let throttled = classify_grpc(&Status::with_details(Code::ResourceExhausted, "x", details.into()));
+        let throttled = classify_grpc(&Status::with_details(Code::ResourceExhausted, "x", details.into()), "e");
         assert_eq!(throttled, ExportError::Throttled {
-            reason: "gRPC ResourceExhausted: x".into(),
+            reason: "gRPC ResourceExhausted from e: x".into(),
             after: Some(Duration::from_secs(3)),
         });
     }
