@@ -299,8 +299,8 @@ const QUICK_RETRY: &str = "{ initial_interval: 50ms, max_interval: 100ms, max_el
 
 /// The agent, whose exporter has `tls` and quick retries, takes 3 spans that `collector`
 /// never gets: every handshake fails for `handshake_failure`, the batch is retried and then
-/// dropped and counted, the agent logs `logged` as the reason, and it keeps taking spans.
-async fn collector_is_never_reached(collector: Collector, tls: String, handshake_failure: &str, logged: &str) {
+/// dropped and counted, the agent logs one of `logged` as the reason, and it keeps taking spans.
+async fn collector_is_never_reached(collector: Collector, tls: String, handshake_failure: &str, logged: &[&str]) {
     let config = TestConfig::new().jaeger(collector.exporter_config(&[("tls", &tls), ("retry", QUICK_RETRY)]));
     let agent = Agent::start(&config.yaml()).await;
     let mut client = otlp::trace_client(&config.grpc_endpoint()).await;
@@ -328,7 +328,10 @@ async fn collector_is_never_reached(collector: Collector, tls: String, handshake
         "every handshake should fail with {handshake_failure:?}: {failures:?}"
     );
     let stderr = agent.stderr();
-    assert!(stderr.contains(logged), "the agent should log why the export failed ({logged:?}):\n{stderr}");
+    assert!(
+        logged.iter().any(|reason| stderr.contains(reason)),
+        "the agent should log why the export failed ({logged:?}):\n{stderr}"
+    );
 
     // Still running and taking spans.
     assert_eq!(agent.get("/healthz").await.0, 200);
@@ -343,7 +346,7 @@ async fn untrusted_collector_gets_nothing(collector: Collector, trusted: &Pki) {
         collector,
         trusted.exporter_config(),
         "UnknownCA",
-        "invalid peer certificate: UnknownIssuer",
+        &["invalid peer certificate: UnknownIssuer"],
     )
     .await;
 }
@@ -355,7 +358,10 @@ async fn collector_refuses_an_exporter_without_a_certificate(collector: Collecto
         collector,
         pki.exporter_config_without_certificate(),
         "peer sent no certificates",
-        "CertificateRequired",
+        // In TLS 1.3 the server checks the client certificate after the client has finished
+        // its side of the handshake, so the client sees either the server's alert or, when it
+        // is already writing, the connection torn down under it.
+        &["CertificateRequired", "broken pipe", "connection closed", "connection reset"],
     )
     .await;
 }
