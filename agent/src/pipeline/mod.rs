@@ -6,6 +6,10 @@
 //! is handed to any, so a client told "try later" never causes a duplicate downstream. When a
 //! queue stays full longer than the sender is willing to wait, the sender gets
 //! [`SendError::Full`] and passes the pressure on to its client (HTTP 503, gRPC UNAVAILABLE).
+//!
+//! A consumer made with [`lossy_consumer`] (analysis, such as execution paths) never holds
+//! the pipeline back: when its queue is full it misses the payload, counted as dropped with
+//! reason `queue_full`, and delivery to the others goes on.
 
 pub mod enrich;
 pub mod queue;
@@ -29,6 +33,7 @@ pub struct Delivery<T> {
 /// The pipeline's end of one consumer.
 pub struct ConsumerHandle<T> {
     name: String,
+    lossy: bool,
     queue: Queue,
     tx: mpsc::UnboundedSender<Delivery<T>>,
     metrics: ComponentMetrics,
@@ -42,7 +47,14 @@ pub fn consumer<T>(capacity: usize, metrics: ComponentMetrics) -> (ConsumerHandl
     let queue = Queue::new(capacity, metrics.queue_items.clone(), &metrics.queue_capacity);
     let (tx, rx) = mpsc::unbounded_channel();
     let name = metrics.component().to_owned();
-    (ConsumerHandle { name, queue, tx, metrics }, rx)
+    (ConsumerHandle { name, lossy: false, queue, tx, metrics }, rx)
+}
+
+/// Connects a consumer that misses payloads, counted, rather than make senders wait.
+pub fn lossy_consumer<T>(capacity: usize, metrics: ComponentMetrics) -> (ConsumerHandle<T>, ConsumerInput<T>) {
+    let (mut handle, rx) = consumer(capacity, metrics);
+    handle.lossy = true;
+    (handle, rx)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -82,17 +94,26 @@ impl<T: Payload> Pipeline<T> {
         }
         // Reserve everywhere first; the permits already taken are released if one queue is full.
         let mut permits = Vec::with_capacity(self.consumers.len());
-        for consumer in &self.consumers {
+        for consumer in self.consumers.iter().filter(|c| !c.lossy) {
             match consumer.queue.reserve(items, wait).await {
-                Some(permit) => permits.push(permit),
+                Some(permit) => permits.push(Some(permit)),
                 None => {
                     return Err(SendError::Full { consumer: consumer.name.clone(), retry_after: RETRY_AFTER })
                 }
             }
         }
+        for consumer in self.consumers.iter().filter(|c| c.lossy) {
+            let permit = consumer.queue.reserve(items, Duration::ZERO).await;
+            if permit.is_none() {
+                consumer.metrics.dropped("queue_full", items as u64);
+            }
+            permits.push(permit);
+        }
         self.enricher.process(&mut data);
         let data = Arc::new(data);
-        for (consumer, permit) in self.consumers.iter().zip(permits) {
+        let in_order = self.consumers.iter().filter(|c| !c.lossy).chain(self.consumers.iter().filter(|c| c.lossy));
+        for (consumer, permit) in in_order.zip(permits) {
+            let Some(permit) = permit else { continue };
             let delivery = Delivery { data: data.clone(), items, permit };
             if consumer.tx.send(delivery).is_err() {
                 // The consumer has stopped: only during shutdown.
@@ -141,6 +162,30 @@ mod tests {
         // Once the consumer is done with it, there is room again.
         drop(delivered);
         assert_eq!(pipeline.send(traces(4), Duration::ZERO).await, Ok(4));
+    }
+
+    #[tokio::test]
+    async fn a_full_lossy_consumer_misses_payloads_without_holding_others_back() {
+        let metrics = Metrics::new();
+        let (exporter, mut exporter_rx) = consumer::<Traces>(100, metrics.component("exporter", Signal::Traces));
+        let (analysis, mut analysis_rx) = lossy_consumer::<Traces>(5, metrics.component("analysis", Signal::Traces));
+        let pipeline = Pipeline::new(
+            NodeEnricher::new("n".into(), false),
+            vec![analysis, exporter],
+            metrics.drops("traces", Signal::Traces),
+        );
+        assert_eq!(pipeline.send(traces(4), Duration::ZERO).await, Ok(4));
+        assert_eq!(pipeline.send(traces(4), Duration::ZERO).await, Ok(4));
+        assert_eq!(exporter_rx.try_recv().unwrap().items, 4);
+        assert_eq!(exporter_rx.try_recv().unwrap().items, 4);
+        assert_eq!(analysis_rx.try_recv().unwrap().items, 4);
+        assert!(analysis_rx.try_recv().is_err(), "the second payload did not fit");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, metrics.registry()).unwrap();
+        assert!(
+            text.contains("periscope_dropped_items_total{component=\"analysis\",signal=\"traces\",reason=\"queue_full\"} 4"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

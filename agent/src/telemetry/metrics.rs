@@ -46,6 +46,16 @@ struct TaskLabels {
     task: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathOutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnomalyLabels {
+    kind: &'static str,
+}
+
 /// The agent's metric families and the registry that exposes them on `/metrics`.
 #[derive(Clone)]
 pub struct Metrics {
@@ -64,6 +74,13 @@ struct Families {
     queue_items: Family<ComponentLabels, Gauge>,
     queue_capacity: Family<ComponentLabels, Gauge>,
     task_failures: Family<TaskLabels, Counter>,
+    path_traces: Family<PathOutcomeLabels, Counter>,
+    path_anomalies: Family<AnomalyLabels, Counter>,
+    path_traces_in_flight: Gauge,
+    path_spans_in_flight: Gauge,
+    path_handlers: Gauge,
+    path_span_series: Gauge,
+    path_edges: Gauge,
 }
 
 impl Default for Metrics {
@@ -126,7 +143,50 @@ impl Metrics {
             "Component tasks that ended with a panic or an error",
             families.task_failures.clone(),
         );
+        registry.register(
+            "paths_traces",
+            "Traces that left assembly for analysis: complete (quiet for paths.trace_timeout), evicted (to stay within paths.max_traces_in_flight) or flushed (at shutdown)",
+            families.path_traces.clone(),
+        );
+        registry.register(
+            "paths_anomalies",
+            "Problems found in traces and cuts made to stay within bounds, by kind",
+            families.path_anomalies.clone(),
+        );
+        registry.register(
+            "paths_traces_in_flight",
+            "Traces waiting in assembly",
+            families.path_traces_in_flight.clone(),
+        );
+        registry.register("paths_spans_in_flight", "Spans waiting in assembly", families.path_spans_in_flight.clone());
+        registry.register("paths_handlers", "Handlers with execution-path aggregates", families.path_handlers.clone());
+        registry.register(
+            "paths_span_metric_series",
+            "Series of traces_span_metrics_* kept",
+            families.path_span_series.clone(),
+        );
+        registry.register(
+            "paths_service_graph_edges",
+            "Edges of traces_service_graph_* kept",
+            families.path_edges.clone(),
+        );
         Metrics { registry: Arc::new(registry), families }
+    }
+
+    /// Handles for execution-path analysis.
+    pub fn paths(&self) -> PathsMetrics {
+        let outcome = |outcome| self.families.path_traces.get_or_create(&PathOutcomeLabels { outcome }).clone();
+        PathsMetrics {
+            complete: outcome("complete"),
+            evicted: outcome("evicted"),
+            flushed: outcome("flushed"),
+            traces_in_flight: self.families.path_traces_in_flight.clone(),
+            spans_in_flight: self.families.path_spans_in_flight.clone(),
+            handlers: self.families.path_handlers.clone(),
+            span_series: self.families.path_span_series.clone(),
+            edges: self.families.path_edges.clone(),
+            families: self.families.clone(),
+        }
     }
 
     /// The registry, for encoding `/metrics`.
@@ -229,6 +289,28 @@ impl ReceiverMetrics {
 
     pub fn component(&self) -> &str {
         &self.component
+    }
+}
+
+/// Execution-path analysis: traces by outcome, anomalies by kind, and what is held.
+#[derive(Clone)]
+pub struct PathsMetrics {
+    pub complete: Counter,
+    pub evicted: Counter,
+    pub flushed: Counter,
+    pub traces_in_flight: Gauge,
+    pub spans_in_flight: Gauge,
+    pub handlers: Gauge,
+    pub span_series: Gauge,
+    pub edges: Gauge,
+    families: Families,
+}
+
+impl PathsMetrics {
+    pub fn anomaly(&self, kind: &'static str, count: u64) {
+        if count > 0 {
+            self.families.path_anomalies.get_or_create(&AnomalyLabels { kind }).inc_by(count);
+        }
     }
 }
 

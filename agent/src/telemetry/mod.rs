@@ -1,8 +1,9 @@
 //! The agent's own telemetry: self-metrics, logging, readiness of components.
 
+pub mod exposition;
 pub mod logging;
 pub mod metrics;
 pub mod readiness;
 
-pub use metrics::{ComponentMetrics, Drops, Metrics, ReceiverMetrics};
+pub use metrics::{ComponentMetrics, Drops, Metrics, PathsMetrics, ReceiverMetrics};
 pub use readiness::{Readiness, ReadyHandle};
