@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ListenAddr};
+use crate::exporters::prometheus::{self, Collectors};
 use crate::exporters::{driver, jaeger, BuildError};
+use crate::paths;
+use crate::telemetry::exposition::Collect;
 use crate::pipeline::enrich::NodeEnricher;
 use crate::pipeline::{self, Pipeline};
 use crate::signal::{Logs, Metrics as MetricsData, Signal, Traces};
@@ -78,11 +81,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
 
+    let prometheus_listener = match &config.exporters.prometheus {
+        Some(prometheus) => Some(bind("exporters.prometheus.listen", prometheus.listen).await?),
+        None => None,
+    };
+
     let stop_admin = CancellationToken::new();
     let stop_sources = CancellationToken::new();
     let hard_stop = CancellationToken::new();
 
-    let admin_router = admin::router(AdminState { metrics: metrics.clone(), readiness: readiness.clone() });
+    // Execution paths: a processor on the traces pipeline, aggregates shared with the API.
+    let mut paths_parts = None;
+    if config.paths.enabled {
+        let component = metrics.component(paths::KEY, Signal::Traces);
+        let (handle, input) = pipeline::lossy_consumer::<Traces>(paths::QUEUE_SPANS, component.clone());
+        let (shared, processor) = paths::build(&config.paths, metrics.paths(), component);
+        paths_parts = Some((shared, handle, input, processor));
+    }
+    let shared_paths = paths_parts.as_ref().map(|(shared, ..)| shared.clone());
+
+    let admin_router = admin::router(AdminState {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        paths: shared_paths.clone(),
+    });
     let admin_task = {
         let stop = stop_admin.clone();
         supervise("server", &metrics, &readiness, async move {
@@ -106,6 +128,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         exporter_tasks.push(supervise(jaeger::KEY, &metrics, &readiness, async move {
             driver::run(exporter, input, settings, component, hard_stop).await;
             Ok(())
+        }));
+    }
+    if let Some((_, handle, input, processor)) = paths_parts {
+        tracing::info!(
+            trace_timeout = ?config.paths.trace_timeout,
+            max_traces_in_flight = config.paths.max_traces_in_flight,
+            max_handlers = config.paths.max_handlers,
+            "analysing execution paths"
+        );
+        trace_consumers.push(handle);
+        exporter_tasks.push(supervise(paths::KEY, &metrics, &readiness, async move {
+            processor.run(input).await;
+            Ok(())
+        }));
+    }
+    let mut pull_task = None;
+    if let Some(listener) = prometheus_listener {
+        let mut collectors: Vec<Arc<dyn Collect>> = Vec::new();
+        if let Some(paths) = &shared_paths {
+            collectors.push(Arc::new(paths.clone()));
+        }
+        let stop = stop_admin.clone();
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "Prometheus exporter listening");
+        pull_task = Some(supervise(prometheus::KEY, &metrics, &readiness, async move {
+            prometheus::serve(listener, Collectors::new(collectors), async move { stop.cancelled().await }).await
         }));
     }
     warn_unavailable(&config);
@@ -184,6 +231,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     stop_admin.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_task.handle).await;
+    if let Some(task) = pull_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), task.handle).await;
+    }
     tracing::info!("periscope stopped");
     Ok(())
 }
@@ -202,12 +252,6 @@ fn warn_unavailable(config: &Config) {
     }
     if !config.sources.pprof.targets.is_empty() {
         unavailable.push("sources.pprof");
-    }
-    if config.paths.enabled {
-        unavailable.push("paths");
-    }
-    if config.exporters.prometheus.is_some() {
-        unavailable.push("exporters.prometheus");
     }
     if config.exporters.prometheus_remote_write.is_some() {
         unavailable.push("exporters.prometheus_remote_write");

@@ -8,6 +8,7 @@
 pub mod driver;
 pub mod jaeger;
 pub mod otlp;
+pub mod prometheus;
 pub mod tls;
 
 use bytes::Bytes;
