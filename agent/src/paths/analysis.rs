@@ -385,8 +385,7 @@ impl Analyzer {
                 anomalies.edge_overflow += u64::from(!kept);
             }
         }
-        for i in 0..n {
-            let client = &spans[i];
+        for (i, client) in spans.iter().enumerate() {
             if !self.alive[i] || self.paired[i] || !matches!(client.kind, Kind::Client | Kind::Producer) {
                 continue;
             }

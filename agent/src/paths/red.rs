@@ -41,10 +41,13 @@ fn slot(kind: Kind, status: StatusCode) -> usize {
 }
 const SLOTS: usize = Kind::ALL.len() * StatusCode::ALL.len();
 
+/// One series per (kind, status) of a span name.
+type Slots = Box<[Option<SpanSeries>]>;
+
 /// `traces_span_metrics_*`: calls and duration per service, span name, kind and status.
 pub struct SpanMetrics {
-    /// service → span name → one series per (kind, status).
-    series: HashMap<Arc<str>, HashMap<Box<str>, Box<[Option<SpanSeries>]>, RandomState>, RandomState>,
+    /// service → span name → its series.
+    series: HashMap<Arc<str>, HashMap<Box<str>, Slots, RandomState>, RandomState>,
     count: usize,
     overflow: SpanSeries,
 }
@@ -169,10 +172,13 @@ pub struct Request<'a> {
     pub failed: bool,
 }
 
+/// (client, server)
+type EdgeKey = (Box<str>, Box<str>);
+
 /// `traces_service_graph_*`: requests between services.
 #[derive(Default)]
 pub struct ServiceGraph {
-    edges: HashMap<(Box<str>, Box<str>), Edge, RandomState>,
+    edges: HashMap<EdgeKey, Edge, RandomState>,
 }
 
 impl ServiceGraph {
@@ -202,7 +208,7 @@ impl ServiceGraph {
     }
 
     pub fn write(&self, out: &mut Exposition) {
-        let mut edges: Vec<(&(Box<str>, Box<str>), &Edge)> = self.edges.iter().collect();
+        let mut edges: Vec<(&EdgeKey, &Edge)> = self.edges.iter().collect();
         edges.sort_by(|a, b| a.0.cmp(b.0));
         out.family("traces_service_graph_request_total", "Requests between two services.", Type::Counter);
         for ((client, server), edge) in &edges {
