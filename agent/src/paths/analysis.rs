@@ -236,7 +236,8 @@ impl Analyzer {
                     p => match handler.child(p, &child.name, child.kind) {
                         Some(step) => step,
                         None => {
-                            anomalies.step_overflow += 1;
+                            // The overflow handler keeps its root only, by design.
+                            anomalies.step_overflow += u64::from(!overflow);
                             NONE
                         }
                     },

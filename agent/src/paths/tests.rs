@@ -395,7 +395,9 @@ fn handlers_beyond_the_bound_are_counted_under_the_overflow_handler() {
     assert_eq!(handlers[0].traces, 90);
     let overflow = f.tree(handlers::OVERFLOW, handlers::OVERFLOW);
     assert!(overflow.root.children.is_empty(), "the overflow handler keeps no steps");
-    assert!(f.self_metrics().contains("periscope_paths_anomalies_total{kind=\"handler_overflow\"} 90\n"));
+    let text = f.self_metrics();
+    assert!(text.contains("periscope_paths_anomalies_total{kind=\"handler_overflow\"} 90\n"), "{text}");
+    assert!(!text.contains("step_overflow"), "{text}");
 }
 
 #[test]
@@ -439,4 +441,19 @@ fn memory_stays_bounded_under_unique_trace_ids_and_routes() {
     let text = f.self_metrics();
     assert!(text.contains("periscope_paths_traces_total{outcome=\"evicted\"} 19500\n"), "{text}");
     assert!(text.contains("periscope_paths_traces_in_flight 500\n"), "{text}");
+}
+
+#[test]
+fn steps_beyond_the_bound_are_cut_and_counted() {
+    let mut f = Fixture::new();
+    let mut spans = vec![span(1, 1, 0, "fan-out", 0.0, 10.0)];
+    for i in 0..300u64 {
+        spans.push(span(1, 10 + i, 1, &format!("call-{i}"), 1.0, 2.0));
+    }
+    f.send(request("wide", spans));
+    f.settle();
+    let tree = f.tree("wide", "fan-out");
+    assert_eq!(tree.root.children.len(), handlers::MAX_STEPS - 1);
+    let cut = 300 - (handlers::MAX_STEPS - 1);
+    assert!(f.self_metrics().contains(&format!("periscope_paths_anomalies_total{{kind=\"step_overflow\"}} {cut}\n")));
 }
