@@ -126,7 +126,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         trace_consumers.push(handle);
         let hard_stop = hard_stop.clone();
         exporter_tasks.push(supervise(jaeger::KEY, &metrics, &readiness, async move {
-            driver::run(exporter, input, settings, component, hard_stop).await;
+            driver::run(exporter, driver::Concatenated, input, settings, component, hard_stop).await;
             Ok(())
         }));
     }

@@ -1,12 +1,14 @@
 //! The shared exporter driver: batching, bounded queue, concurrency, retries.
 //!
 //! ```text
-//! deliveries ──▶ batcher (encode, append) ──▶ ready batches ──▶ N workers ──▶ Exporter::export
+//! deliveries ──▶ batcher (Encoder::append) ──▶ closed batches ──▶ N workers ──▶ Exporter::export
 //! ```
-//! The batcher appends each delivery's encoding to the open batch and closes it at
-//! `max_batch_items` or after `batch_timeout`. Each batch keeps the queue permits of what it
+//! The batcher appends each delivery to the open batch and closes it at `max_batch_items`,
+//! at `max_batch_bytes` or after `batch_timeout`. Each batch keeps the queue permits of what it
 //! holds until it is delivered or dropped, so the consumer's queue bounds everything here,
 //! retries included — when a backend is down the queue fills and the receivers push back.
+//! It keeps the deliveries' acknowledgements too, failing them when it lets go of data that a
+//! restart could still deliver (shutdown, retries exhausted).
 //!
 //! Workers retry retryable failures with exponential backoff and jitter (or after the delay
 //! the server asked for), up to `retry.max_elapsed_time`. On shutdown they keep delivering
@@ -14,7 +16,7 @@
 //! dropped with reason `shutdown`.
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
@@ -24,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ExportError, Exporter};
 use crate::config::RetryConfig;
+use crate::pipeline::ack::Ack;
 use crate::pipeline::{ConsumerInput, Permit};
 use crate::signal::Payload;
 use crate::telemetry::ComponentMetrics;
@@ -31,6 +34,8 @@ use crate::telemetry::ComponentMetrics;
 #[derive(Debug, Clone)]
 pub struct ExportSettings {
     pub max_batch_items: usize,
+    /// A batch is also closed once its payloads added about this many bytes.
+    pub max_batch_bytes: usize,
     pub batch_timeout: Duration,
     pub queue_items: usize,
     pub concurrency: usize,
@@ -38,34 +43,75 @@ pub struct ExportSettings {
     pub retry: RetryConfig,
 }
 
-/// An encoded batch and the queue space it holds.
-struct Batch {
-    body: BytesMut,
-    items: usize,
-    permits: Vec<Permit>,
+/// Turns payloads into request bodies for one backend protocol.
+pub trait Encoder<T>: Send + Sync + 'static {
+    type Batch: Default + Send + 'static;
+    /// Adds `data` to `batch`; returns about how many bytes that added.
+    fn append(&self, batch: &mut Self::Batch, data: &T) -> usize;
+    /// The request body of a closed batch.
+    fn finish(&self, batch: Self::Batch) -> Bytes;
 }
 
-impl Batch {
+/// OTLP: concatenated protobuf encodings of requests decode as one request holding them all.
+pub struct Concatenated;
+
+impl<T: Payload> Encoder<T> for Concatenated {
+    type Batch = BytesMut;
+
+    fn append(&self, batch: &mut BytesMut, data: &T) -> usize {
+        let before = batch.len();
+        // Encoding into a BytesMut cannot run out of room: it grows.
+        let _ = data.encode(batch);
+        batch.len() - before
+    }
+
+    fn finish(&self, batch: BytesMut) -> Bytes {
+        batch.freeze()
+    }
+}
+
+/// A batch being filled or delivered, and the queue space and acknowledgements it holds.
+struct Batch<B> {
+    data: B,
+    items: usize,
+    bytes: usize,
+    permits: Vec<Permit>,
+    acks: Vec<Ack>,
+}
+
+impl<B: Default> Batch<B> {
     fn new() -> Self {
-        Batch { body: BytesMut::new(), items: 0, permits: Vec::new() }
+        Batch { data: B::default(), items: 0, bytes: 0, permits: Vec::new(), acks: Vec::new() }
+    }
+}
+
+impl<B> Batch<B> {
+    /// Lets go of the batch without delivering it: sources waiting for it hear so.
+    fn abandon(self) {
+        for ack in &self.acks {
+            ack.fail();
+        }
     }
 }
 
 /// Runs an exporter until its input closes and everything is delivered, or `hard_stop` fires.
-pub async fn run<T: Payload, E: Exporter>(
-    exporter: E,
+pub async fn run<T: Payload, X: Exporter, E: Encoder<T>>(
+    exporter: X,
+    encoder: E,
     mut input: ConsumerInput<T>,
     settings: ExportSettings,
     metrics: ComponentMetrics,
     hard_stop: CancellationToken,
 ) {
     let exporter = Arc::new(exporter);
-    let (ready_tx, ready_rx) = mpsc::unbounded_channel::<Batch>();
+    let encoder = Arc::new(encoder);
+    let (ready_tx, ready_rx) = mpsc::unbounded_channel::<Batch<E::Batch>>();
     let ready_rx = Arc::new(Mutex::new(ready_rx));
     let mut workers = JoinSet::new();
     for _ in 0..settings.concurrency.max(1) {
         let worker = Worker {
             exporter: exporter.clone(),
+            encoder: encoder.clone(),
             settings: settings.clone(),
             metrics: metrics.clone(),
             hard_stop: hard_stop.clone(),
@@ -91,19 +137,15 @@ pub async fn run<T: Payload, E: Exporter>(
         tokio::select! {
             delivery = input.recv() => {
                 let Some(delivery) = delivery else { break };
-                if let Err(e) = delivery.data.encode(&mut open.body) {
-                    // BytesMut grows as needed, so this cannot happen; count it all the same.
-                    tracing::error!(component = metrics.component(), error = %e, "cannot encode a batch");
-                    metrics.dropped("encode", delivery.items as u64);
-                    continue;
-                }
+                open.bytes += encoder.append(&mut open.data, &delivery.data);
                 open.items += delivery.items;
                 open.permits.push(delivery.permit);
+                open.acks.extend(delivery.ack);
                 if !timer_armed {
                     timer.as_mut().reset(Instant::now() + settings.batch_timeout);
                     timer_armed = true;
                 }
-                if open.items >= settings.max_batch_items {
+                if open.items >= settings.max_batch_items || open.bytes >= settings.max_batch_bytes {
                     let _ = ready_tx.send(std::mem::replace(&mut open, Batch::new()));
                     timer_armed = false;
                 }
@@ -125,17 +167,21 @@ pub async fn run<T: Payload, E: Exporter>(
     }
 }
 
-struct Worker<E> {
-    exporter: Arc<E>,
+struct Worker<X, E> {
+    exporter: Arc<X>,
+    encoder: Arc<E>,
     settings: ExportSettings,
     metrics: ComponentMetrics,
     hard_stop: CancellationToken,
 }
 
-impl<E: Exporter> Worker<E> {
-    async fn deliver(&self, batch: Batch) {
+impl<X: Exporter, E> Worker<X, E> {
+    async fn deliver<T>(&self, mut batch: Batch<E::Batch>)
+    where
+        E: Encoder<T>,
+    {
         let items = batch.items as u64;
-        let body = batch.body.freeze();
+        let body = self.encoder.finish(std::mem::take(&mut batch.data));
         let component = self.metrics.component();
         let retry = &self.settings.retry;
         let started = Instant::now();
@@ -159,6 +205,7 @@ impl<E: Exporter> Worker<E> {
                 }
                 _ = self.hard_stop.cancelled() => {
                     self.metrics.dropped("shutdown", items);
+                    batch.abandon();
                     return;
                 }
             };
@@ -186,6 +233,7 @@ impl<E: Exporter> Worker<E> {
             if !retry.enabled || started.elapsed() + delay > retry.max_elapsed_time {
                 self.metrics.dropped("retries_exhausted", items);
                 tracing::error!(component, items, attempts = attempt, error = %error, "export failed; giving up on the batch");
+                batch.abandon();
                 return;
             }
             self.metrics.retried.inc_by(items);
@@ -198,6 +246,7 @@ impl<E: Exporter> Worker<E> {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.hard_stop.cancelled() => {
                     self.metrics.dropped("shutdown", items);
+                    batch.abandon();
                     return;
                 }
             }
@@ -248,6 +297,7 @@ mod tests {
     fn settings() -> ExportSettings {
         ExportSettings {
             max_batch_items: 10,
+            max_batch_bytes: usize::MAX,
             batch_timeout: Duration::from_secs(3600),
             queue_items: 100,
             concurrency: 2,
@@ -268,7 +318,7 @@ mod tests {
         let pipeline = Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], metrics.drops("t", Signal::Traces));
         let bodies = Arc::new(StdMutex::new(Vec::new()));
         let exporter = Scripted { script: StdMutex::new(script), bodies: bodies.clone() };
-        let task = tokio::spawn(run(exporter, input, settings(), component.clone(), CancellationToken::new()));
+        let task = tokio::spawn(run(exporter, Concatenated, input, settings(), component.clone(), CancellationToken::new()));
         for &n in sends {
             pipeline.send(traces(n), Duration::from_secs(1)).await.unwrap();
         }
@@ -305,6 +355,32 @@ mod tests {
         assert_eq!(metrics.retried.get(), 0);
     }
 
+    #[tokio::test]
+    async fn acknowledgements_say_whether_the_batch_was_delivered() {
+        use crate::pipeline::ack;
+        let metrics = Metrics::new();
+        let component = metrics.component("test", Signal::Traces);
+        let (handle, input) = consumer::<Traces>(100, component.clone());
+        let pipeline = Pipeline::new(NodeEnricher::new(String::new(), false), vec![handle], metrics.drops("t", Signal::Traces));
+        // The first attempt is refused for good, later ones fail until retries run out.
+        let unavailable = || ExportError::Retryable { reason: "unavailable".into(), after: None };
+        let mut script = vec![unavailable(); 50];
+        script.push(ExportError::Permanent("400 bad".into()));
+        let exporter = Scripted { script: StdMutex::new(script), bodies: Arc::new(StdMutex::new(Vec::new())) };
+        let mut s = settings();
+        s.max_batch_items = 1;
+        s.concurrency = 1;
+        s.retry.max_elapsed_time = Duration::from_millis(20);
+        let task = tokio::spawn(run(exporter, Concatenated, input, s, component.clone(), CancellationToken::new()));
+        let (acker, mut acks) = ack::channel();
+        pipeline.send_acked(traces(1), Duration::from_secs(1), Some(acker.ack(1))).await.unwrap();
+        assert_eq!(acks.recv().await, Some(ack::Acked { token: 1, delivered: true }), "a permanent refusal is final");
+        pipeline.send_acked(traces(1), Duration::from_secs(1), Some(acker.ack(2))).await.unwrap();
+        assert_eq!(acks.recv().await, Some(ack::Acked { token: 2, delivered: false }), "retries ran out");
+        drop(pipeline);
+        task.await.unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn batch_timeout_closes_a_partial_batch() {
         let metrics = Metrics::new();
@@ -315,7 +391,7 @@ mod tests {
         let exporter = Scripted { script: StdMutex::new(vec![]), bodies: bodies.clone() };
         let mut s = settings();
         s.batch_timeout = Duration::from_millis(200);
-        let _task = tokio::spawn(run(exporter, input, s, component.clone(), CancellationToken::new()));
+        let _task = tokio::spawn(run(exporter, Concatenated, input, s, component.clone(), CancellationToken::new()));
         pipeline.send(traces(2), Duration::ZERO).await.unwrap();
         while component.sent.get() < 2 {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -21,6 +21,7 @@ pub fn build(config: &JaegerConfig) -> Result<(OtlpExporter<Traces>, ExportSetti
     })?;
     let settings = ExportSettings {
         max_batch_items: config.batch.max_spans,
+        max_batch_bytes: usize::MAX,
         batch_timeout: config.batch.timeout,
         queue_items: config.queue.max_spans,
         concurrency: config.concurrency,

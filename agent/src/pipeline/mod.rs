@@ -11,6 +11,7 @@
 //! the pipeline back: when its queue is full it misses the payload, counted as dropped with
 //! reason `queue_full`, and delivery to the others goes on.
 
+pub mod ack;
 pub mod enrich;
 pub mod queue;
 
@@ -28,6 +29,8 @@ pub struct Delivery<T> {
     pub data: Arc<T>,
     pub items: usize,
     pub permit: Permit,
+    /// Present when the source waits to hear that the payload was delivered.
+    pub ack: Option<ack::Ack>,
 }
 
 /// The pipeline's end of one consumer.
@@ -83,7 +86,13 @@ impl<T: Payload> Pipeline<T> {
 
     /// Processes `data` and hands it to every consumer, waiting up to `wait` for queue space.
     /// Returns the number of items accepted.
-    pub async fn send(&self, mut data: T, wait: Duration) -> Result<usize, SendError> {
+    pub async fn send(&self, data: T, wait: Duration) -> Result<usize, SendError> {
+        self.send_acked(data, wait, None).await
+    }
+
+    /// As [`Pipeline::send`], with an acknowledgement every consumer holds until it is done.
+    /// When the payload goes nowhere (no consumer, or it is refused) the ack is simply dropped.
+    pub async fn send_acked(&self, mut data: T, wait: Duration, ack: Option<ack::Ack>) -> Result<usize, SendError> {
         let items = data.item_count();
         if items == 0 {
             return Ok(0);
@@ -98,7 +107,10 @@ impl<T: Payload> Pipeline<T> {
             match consumer.queue.reserve(items, wait).await {
                 Some(permit) => permits.push(Some(permit)),
                 None => {
-                    return Err(SendError::Full { consumer: consumer.name.clone(), retry_after: RETRY_AFTER })
+                    if let Some(ack) = ack {
+                        ack.forget();
+                    }
+                    return Err(SendError::Full { consumer: consumer.name.clone(), retry_after: RETRY_AFTER });
                 }
             }
         }
@@ -114,9 +126,12 @@ impl<T: Payload> Pipeline<T> {
         let in_order = self.consumers.iter().filter(|c| !c.lossy).chain(self.consumers.iter().filter(|c| c.lossy));
         for (consumer, permit) in in_order.zip(permits) {
             let Some(permit) = permit else { continue };
-            let delivery = Delivery { data: data.clone(), items, permit };
+            let delivery = Delivery { data: data.clone(), items, permit, ack: ack.clone() };
             if consumer.tx.send(delivery).is_err() {
                 // The consumer has stopped: only during shutdown.
+                if let Some(ack) = &ack {
+                    ack.fail();
+                }
                 return Err(SendError::Closed);
             }
             consumer.metrics.received.inc_by(items as u64);
