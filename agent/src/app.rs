@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ListenAddr};
 use crate::exporters::prometheus::{self, Collectors};
-use crate::exporters::{driver, jaeger, BuildError};
+use crate::exporters::{driver, jaeger, loki, BuildError};
 use crate::paths;
 use crate::telemetry::exposition::Collect;
 use crate::pipeline::enrich::NodeEnricher;
@@ -130,6 +130,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ok(())
         }));
     }
+    let mut log_consumers = Vec::new();
+    if let Some(loki_config) = &config.exporters.loki {
+        let (exporter, encoder, settings) = loki::build(loki_config)?;
+        let component = metrics.component("loki", Signal::Logs);
+        let (handle, input) = pipeline::consumer::<Logs>(settings.queue_items, component.clone());
+        tracing::info!(target_url = %exporter.target(), encoding = ?loki_config.encoding, "exporting logs to Loki");
+        log_consumers.push(handle);
+        let hard_stop = hard_stop.clone();
+        exporter_tasks.push(supervise(loki::KEY, &metrics, &readiness, async move {
+            driver::run(exporter, encoder, input, settings, component, hard_stop).await;
+            Ok(())
+        }));
+    }
     if let Some((_, handle, input, processor)) = paths_parts {
         tracing::info!(
             trace_timeout = ?config.paths.trace_timeout,
@@ -161,7 +174,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let enricher = NodeEnricher::for_environment(node_name.clone());
     let traces = Arc::new(Pipeline::new(enricher.clone(), trace_consumers, metrics.drops("pipeline", Signal::Traces)));
     let metrics_pipeline = Arc::new(Pipeline::<MetricsData>::new(enricher.clone(), Vec::new(), metrics.drops("pipeline", Signal::Metrics)));
-    let logs = Arc::new(Pipeline::<Logs>::new(enricher, Vec::new(), metrics.drops("pipeline", Signal::Logs)));
+    let logs = Arc::new(Pipeline::<Logs>::new(enricher, log_consumers, metrics.drops("pipeline", Signal::Logs)));
 
     // Sources.
     let mut source_tasks = Vec::new();
@@ -256,13 +269,10 @@ fn warn_unavailable(config: &Config) {
     if config.exporters.prometheus_remote_write.is_some() {
         unavailable.push("exporters.prometheus_remote_write");
     }
-    if config.exporters.loki.is_some() {
-        unavailable.push("exporters.loki");
-    }
     if !unavailable.is_empty() {
         tracing::warn!(
             sections = %unavailable.join(", "),
-            "configured but not available in this version; metrics and logs received over OTLP are counted and dropped (periscope_dropped_items_total{{reason=\"no_exporter\"}})"
+            "configured but not available in this version; data with no exporter for its signal is counted and dropped (periscope_dropped_items_total{{reason=\"no_exporter\"}})"
         );
     }
 }

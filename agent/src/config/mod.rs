@@ -531,12 +531,27 @@ impl Default for RemoteWriteConfig {
     }
 }
 
+/// Loki's push API.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LokiConfig {
+    /// The push endpoint, `http(s)://host:3100/loki/api/v1/push`.
     pub url: String,
+    /// Sent as `X-Scope-OrgID`.
     pub tenant_id: Option<String>,
     pub headers: BTreeMap<String, String>,
+    /// `protobuf` (snappy-compressed, what Loki's own clients send) or `json` (for debugging).
+    pub encoding: LokiEncoding,
+    /// Deadline of one push request.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    pub batch: LokiBatchConfig,
+    pub queue: LokiQueueConfig,
+    /// Retries of a push; entries from files whose push gave up are read again after a restart.
+    pub retry: RetryConfig,
+    /// Push requests in flight at once.
+    pub concurrency: usize,
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl Default for LokiConfig {
@@ -545,7 +560,51 @@ impl Default for LokiConfig {
             url: "http://loki:3100/loki/api/v1/push".into(),
             tenant_id: None,
             headers: BTreeMap::new(),
+            encoding: LokiEncoding::Protobuf,
+            timeout: Duration::from_secs(10),
+            batch: LokiBatchConfig::default(),
+            queue: LokiQueueConfig::default(),
+            retry: RetryConfig { max_elapsed_time: Duration::from_secs(3600), ..RetryConfig::default() },
+            concurrency: 2,
+            tls: None,
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LokiEncoding {
+    #[default]
+    Protobuf,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LokiBatchConfig {
+    /// A push is sent once its lines add up to about this much...
+    pub max_bytes: ByteSize,
+    /// ...or when its oldest entry has waited this long.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for LokiBatchConfig {
+    fn default() -> Self {
+        LokiBatchConfig { max_bytes: ByteSize::mib(1), timeout: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LokiQueueConfig {
+    /// Log entries queued or in a push (retries included); when full, sources wait.
+    pub max_entries: usize,
+}
+
+impl Default for LokiQueueConfig {
+    fn default() -> Self {
+        LokiQueueConfig { max_entries: 100_000 }
     }
 }
 
@@ -765,6 +824,32 @@ impl Config {
                 err("exporters.loki.url", e);
             }
             check_headers(&mut err, "exporters.loki.headers", &loki.headers);
+            if loki.batch.max_bytes.0 == 0 {
+                err("exporters.loki.batch.max_bytes", "must be greater than 0".into());
+            }
+            if loki.queue.max_entries == 0 {
+                err("exporters.loki.queue.max_entries", "must be greater than 0".into());
+            }
+            if !(1..=64).contains(&loki.concurrency) {
+                err("exporters.loki.concurrency", "must be between 1 and 64".into());
+            }
+            if loki.timeout.is_zero() {
+                err("exporters.loki.timeout", "must be greater than 0".into());
+            }
+            if loki.retry.initial_interval.is_zero() {
+                err("exporters.loki.retry.initial_interval", "must be greater than 0".into());
+            }
+            if loki.retry.max_interval < loki.retry.initial_interval {
+                err("exporters.loki.retry.max_interval", "must not be less than retry.initial_interval".into());
+            }
+            if let Some(tls) = &loki.tls {
+                check_file(&mut err, "exporters.loki.tls.ca_file", tls.ca_file.as_ref());
+                check_file(&mut err, "exporters.loki.tls.cert_file", tls.cert_file.as_ref());
+                check_file(&mut err, "exporters.loki.tls.key_file", tls.key_file.as_ref());
+                if tls.cert_file.is_some() != tls.key_file.is_some() {
+                    err("exporters.loki.tls", "cert_file and key_file go together".into());
+                }
+            }
         }
 
         // Two listeners on one port would fail at start-up; say so now, naming both keys.

@@ -7,6 +7,7 @@
 
 pub mod driver;
 pub mod jaeger;
+pub mod loki;
 pub mod otlp;
 pub mod prometheus;
 pub mod tls;

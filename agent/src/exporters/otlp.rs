@@ -91,7 +91,7 @@ enum Transport {
     Http { client: reqwest::Client, url: String, headers: HeaderMap },
 }
 
-fn header_map(key: &str, headers: &BTreeMap<String, String>) -> Result<HeaderMap, BuildError> {
+pub(crate) fn header_map(key: &str, headers: &BTreeMap<String, String>) -> Result<HeaderMap, BuildError> {
     let mut map = HeaderMap::new();
     for (name, value) in headers {
         let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
@@ -295,7 +295,7 @@ pub fn classify_grpc(status: &Status, endpoint: &str) -> ExportError {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
