@@ -21,6 +21,7 @@ use crate::telemetry::exposition::Collect;
 use crate::pipeline::enrich::NodeEnricher;
 use crate::pipeline::{self, Pipeline};
 use crate::signal::{Logs, Metrics as MetricsData, Signal, Traces};
+use crate::sources::files::{self, FileSource};
 use crate::sources::otlp::{self, Intake};
 use crate::telemetry::{Metrics, Readiness};
 
@@ -30,6 +31,8 @@ pub enum StartError {
     Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Build(#[from] BuildError),
+    #[error(transparent)]
+    Files(#[from] files::BuildError),
 }
 
 async fn bind(key: &'static str, addr: ListenAddr) -> Result<TcpListener, StartError> {
@@ -206,6 +209,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             otlp::http::serve(listener, router, tls.as_ref(), async move { stop.cancelled().await }).await
         }));
     }
+    if !config.sources.logs.is_empty() {
+        let source = FileSource::build(&config.sources.logs, &config.data_dir, metrics.files())?;
+        if config.exporters.loki.is_none() {
+            tracing::warn!("sources.logs is configured without exporters.loki: log entries are counted and dropped");
+        }
+        let pipeline = logs.clone();
+        let stop = stop_sources.clone();
+        let runtime = tokio::runtime::Handle::current();
+        source_tasks.push(supervise(files::KEY, &metrics, &readiness, async move {
+            tokio::task::spawn_blocking(move || source.run(pipeline, runtime, stop)).await.map_err(|e| e.to_string())
+        }));
+    }
     // From here on only the sources hold the pipelines: when they stop, the exporters' inputs close.
     drop((traces, metrics_pipeline, logs));
 
@@ -259,9 +274,6 @@ fn warn_unavailable(config: &Config) {
     }
     if config.sources.host_metrics.enabled {
         unavailable.push("sources.host_metrics");
-    }
-    if !config.sources.logs.is_empty() {
-        unavailable.push("sources.logs");
     }
     if !config.sources.pprof.targets.is_empty() {
         unavailable.push("sources.pprof");

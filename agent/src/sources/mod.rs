@@ -2,4 +2,5 @@
 //! pipeline and, when the pipeline is full, waits or tells its client to retry later —
 //! never buffers without bound.
 
+pub mod files;
 pub mod otlp;

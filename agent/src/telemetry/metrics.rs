@@ -56,6 +56,11 @@ struct AnomalyLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    path: String,
+}
+
 /// The agent's metric families and the registry that exposes them on `/metrics`.
 #[derive(Clone)]
 pub struct Metrics {
@@ -81,6 +86,11 @@ struct Families {
     path_handlers: Gauge,
     path_span_series: Gauge,
     path_edges: Gauge,
+    file_bytes: Counter,
+    file_entries: Counter,
+    file_truncated: Counter,
+    files: Gauge,
+    file_lag: Family<PathLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -170,7 +180,35 @@ impl Metrics {
             "Edges of traces_service_graph_* kept",
             families.path_edges.clone(),
         );
+        registry.register("file_read_bytes", "Bytes read from log files", families.file_bytes.clone());
+        registry.register(
+            "file_entries",
+            "Log entries read from files and handed to the logs pipeline",
+            families.file_entries.clone(),
+        );
+        registry.register(
+            "file_lines_truncated",
+            "Log lines cut at the maximum line length",
+            families.file_truncated.clone(),
+        );
+        registry.register("files_followed", "Log files being followed", families.files.clone());
+        registry.register(
+            "file_checkpoint_lag_bytes",
+            "Bytes of a log file not yet acknowledged by the exporter",
+            families.file_lag.clone(),
+        );
         Metrics { registry: Arc::new(registry), families }
+    }
+
+    /// Handles for file tailing.
+    pub fn files(&self) -> FileMetrics {
+        FileMetrics {
+            bytes: self.families.file_bytes.clone(),
+            entries: self.families.file_entries.clone(),
+            truncated: self.families.file_truncated.clone(),
+            files: self.families.files.clone(),
+            lag: self.families.file_lag.clone(),
+        }
     }
 
     /// Handles for execution-path analysis.
@@ -311,6 +349,28 @@ impl PathsMetrics {
         if count > 0 {
             self.families.path_anomalies.get_or_create(&AnomalyLabels { kind }).inc_by(count);
         }
+    }
+}
+
+/// File tailing: bytes and entries read, lines cut, files followed, checkpoint lag per file.
+#[derive(Clone)]
+pub struct FileMetrics {
+    pub bytes: Counter,
+    pub entries: Counter,
+    pub truncated: Counter,
+    pub files: Gauge,
+    lag: Family<PathLabels, Gauge>,
+}
+
+impl FileMetrics {
+    pub fn lag(&self, path: &std::path::Path, bytes: u64) {
+        let labels = PathLabels { path: path.to_string_lossy().into_owned() };
+        self.lag.get_or_create(&labels).set(bytes as i64);
+    }
+
+    /// Stops reporting a file that is no longer followed.
+    pub fn forget(&self, path: &std::path::Path) {
+        self.lag.remove(&PathLabels { path: path.to_string_lossy().into_owned() });
     }
 }
 
