@@ -209,22 +209,28 @@ fn hex_id<const N: usize>(text: &str) -> Option<[u8; N]> {
     out.iter().any(|&b| b != 0).then_some(out)
 }
 
-/// Seconds (or milliseconds, microseconds, nanoseconds, told apart by size) since the epoch.
+/// Seconds (or milliseconds, microseconds, nanoseconds, told apart by size) since the epoch,
+/// with an optional decimal fraction; exact, without floating point.
 fn epoch(value: &str) -> Option<u64> {
-    let number: f64 = value.parse().ok()?;
-    if !number.is_finite() || number <= 0.0 {
+    let (whole, fraction) = value.trim().split_once('.').unwrap_or((value.trim(), ""));
+    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) || !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let nanos = if number < 1e11 {
-        number * 1e9
-    } else if number < 1e14 {
-        number * 1e6
-    } else if number < 1e17 {
-        number * 1e3
-    } else {
-        number
+    let whole: u64 = whole.parse().ok()?;
+    let unit: u64 = match whole {
+        0 => return None,
+        1..=99_999_999_999 => 1_000_000_000,
+        100_000_000_000..=99_999_999_999_999 => 1_000_000,
+        100_000_000_000_000..=99_999_999_999_999_999 => 1_000,
+        _ => 1,
     };
-    Some(nanos as u64)
+    let mut nanos = whole.checked_mul(unit)?;
+    let mut scale = unit;
+    for digit in fraction.bytes().take(9) {
+        scale /= 10;
+        nanos += u64::from(digit - b'0') * scale;
+    }
+    Some(nanos)
 }
 
 /// An RFC 3339 time (`2024-05-01T12:00:00.123456789Z`, or with a `+02:00` offset) as Unix
