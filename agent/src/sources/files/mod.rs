@@ -57,6 +57,10 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_ENTRIES_PER_SEND: usize = 1000;
 /// Longest line kept; the rest is cut and counted.
 pub const MAX_LINE_BYTES: usize = 256 * 1024;
+/// Bytes of log lines sent and not yet acknowledged, across all files, beyond which reading
+/// pauses: what a crash can make the source send twice, and how far it reads ahead of a
+/// stuck exporter.
+pub const MAX_UNACKED_BYTES: u64 = 4 * 1024 * 1024;
 /// How long shutdown waits for the exporter to acknowledge what was sent.
 const ACK_WAIT_AT_SHUTDOWN: Duration = Duration::from_secs(30);
 
@@ -86,6 +90,7 @@ pub enum BuildError {
 struct InFlight {
     token: u64,
     end: u64,
+    bytes: u64,
     done: bool,
 }
 
@@ -120,6 +125,8 @@ pub struct FileSource {
     files: HashMap<FileKey, Tailed>,
     tokens: HashMap<u64, FileKey>,
     next_token: u64,
+    /// Bytes sent and not yet acknowledged (or given up on).
+    unacked: u64,
     acker: Acker,
     acks: AckReceiver,
     metrics: FileMetrics,
@@ -165,6 +172,7 @@ impl FileSource {
             files: HashMap::new(),
             tokens: HashMap::new(),
             next_token: 0,
+            unacked: 0,
             acker,
             acks,
             metrics,
@@ -185,7 +193,7 @@ impl FileSource {
             let mut busy = false;
             let keys: Vec<FileKey> = self.files.keys().copied().collect();
             for key in keys {
-                if stop.is_cancelled() {
+                if stop.is_cancelled() || self.unacked >= MAX_UNACKED_BYTES {
                     break;
                 }
                 if let Some(p) = &pipeline {
@@ -347,7 +355,8 @@ impl FileSource {
                 tailed.reader.reset(0);
                 tailed.joiner.reset();
                 tailed.acked = 0;
-                tailed.in_flight.clear();
+                let released: u64 = tailed.in_flight.drain(..).filter(|f| !f.done).map(|f| f.bytes).sum();
+                self.unacked = self.unacked.saturating_sub(released);
                 return Ok(true);
             }
             if tailed.rotated {
@@ -390,6 +399,7 @@ impl FileSource {
             let group = &self.groups[tailed.group];
             let end = chunk.last().map_or(0, |e| e.end);
             let count = chunk.len() as u64;
+            let bytes: u64 = chunk.iter().map(|e| e.message.len() as u64 + 1).sum();
             let records: Vec<LogRecord> = chunk.into_iter().map(|e| record(e, group.format, &tailed.path_attribute)).collect();
             let payload = Logs {
                 resource_logs: vec![ResourceLogs {
@@ -400,8 +410,9 @@ impl FileSource {
             };
             let token = self.next_token;
             self.next_token += 1;
-            tailed.in_flight.push_back(InFlight { token, end, done: false });
+            tailed.in_flight.push_back(InFlight { token, end, bytes, done: false });
             self.tokens.insert(token, key);
+            self.unacked += bytes;
             let ack = self.acker.ack(token);
             let result = runtime.block_on(async {
                 tokio::select! {
@@ -455,6 +466,7 @@ impl FileSource {
         if let Some(tailed) = self.files.get_mut(&key) {
             if let Some(f) = tailed.in_flight.iter_mut().find(|f| f.token == acked.token) {
                 f.done = true;
+                self.unacked = self.unacked.saturating_sub(f.bytes);
             }
         }
     }
@@ -464,6 +476,9 @@ impl FileSource {
         let Some(tailed) = self.files.get_mut(&key) else { return };
         for f in tailed.in_flight.drain(..) {
             self.tokens.remove(&f.token);
+            if !f.done {
+                self.unacked = self.unacked.saturating_sub(f.bytes);
+            }
         }
         tailed.reader.reset(tailed.acked);
         tailed.joiner.reset();
