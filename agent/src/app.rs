@@ -135,7 +135,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let mut log_consumers = Vec::new();
     if let Some(loki_config) = &config.exporters.loki {
-        let (exporter, encoder, settings) = loki::build(loki_config)?;
+        let (exporter, encoder, settings) = loki::build(loki_config, metrics.responses("loki"))?;
         let component = metrics.component("loki", Signal::Logs);
         let (handle, input) = pipeline::consumer::<Logs>(settings.queue_items, component.clone());
         tracing::info!(target_url = %exporter.target(), encoding = ?loki_config.encoding, "exporting logs to Loki");

@@ -57,6 +57,12 @@ struct AnomalyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    component: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabels {
     path: String,
 }
@@ -91,6 +97,7 @@ struct Families {
     file_truncated: Counter,
     files: Gauge,
     file_lag: Family<PathLabels, Gauge>,
+    responses: Family<CodeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -197,7 +204,17 @@ impl Metrics {
             "Bytes of a log file not yet acknowledged by the exporter",
             families.file_lag.clone(),
         );
+        registry.register(
+            "export_responses",
+            "Answers of a backend to export requests, by HTTP status code (or `connection_error`)",
+            families.responses.clone(),
+        );
         Metrics { registry: Arc::new(registry), families }
+    }
+
+    /// Counts a backend's answers by status code.
+    pub fn responses(&self, component: &str) -> Responses {
+        Responses { component: component.to_owned(), family: self.families.responses.clone() }
     }
 
     /// Handles for file tailing.
@@ -371,6 +388,19 @@ impl FileMetrics {
     /// Stops reporting a file that is no longer followed.
     pub fn forget(&self, path: &std::path::Path) {
         self.lag.remove(&PathLabels { path: path.to_string_lossy().into_owned() });
+    }
+}
+
+/// A backend's answers by status code.
+#[derive(Clone)]
+pub struct Responses {
+    component: String,
+    family: Family<CodeLabels, Counter>,
+}
+
+impl Responses {
+    pub fn count(&self, code: &str) {
+        self.family.get_or_create(&CodeLabels { component: self.component.clone(), code: code.to_owned() }).inc();
     }
 }
 

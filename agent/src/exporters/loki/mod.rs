@@ -34,6 +34,7 @@ use super::otlp::{error_chain, header_map, parse_retry_after};
 use super::{tls, BuildError, Delivered, ExportError, Exporter};
 use crate::config::{LokiConfig, LokiEncoding};
 use crate::signal::Logs;
+use crate::telemetry::Responses;
 
 pub const KEY: &str = "exporters.loki";
 
@@ -49,7 +50,7 @@ const RESOURCE_LABELS: [(&str, &str); 5] = [
     ("k8s.node.name", "node"),
 ];
 
-pub fn build(config: &LokiConfig) -> Result<(LokiExporter, LokiEncoder, ExportSettings), BuildError> {
+pub fn build(config: &LokiConfig, responses: Responses) -> Result<(LokiExporter, LokiEncoder, ExportSettings), BuildError> {
     let tls_key = format!("{KEY}.tls");
     let tls = tls::rustls_client_config(config.tls.as_ref(), &tls_key)?;
     let client = reqwest::Client::builder()
@@ -70,7 +71,7 @@ pub fn build(config: &LokiConfig) -> Result<(LokiExporter, LokiEncoder, ExportSe
             .map_err(|e| BuildError::new(format!("{KEY}.tenant_id"), format!("not a valid header value: {e}")))?;
         headers.insert("x-scope-orgid", value);
     }
-    let exporter = LokiExporter { client, url: config.url.clone(), headers };
+    let exporter = LokiExporter { client, url: config.url.clone(), headers, responses };
     let encoder = LokiEncoder { encoding: config.encoding };
     let settings = ExportSettings {
         max_batch_items: config.queue.max_entries.max(1),
@@ -381,6 +382,7 @@ pub struct LokiExporter {
     client: reqwest::Client,
     url: String,
     headers: HeaderMap,
+    responses: Responses,
 }
 
 impl LokiExporter {
@@ -399,8 +401,12 @@ impl Exporter for LokiExporter {
             .body(body)
             .send()
             .await
-            .map_err(|e| ExportError::Retryable { reason: format!("POST {url}: {}", error_chain(&e)), after: None })?;
+            .map_err(|e| {
+                self.responses.count("connection_error");
+                ExportError::Retryable { reason: format!("POST {url}: {}", error_chain(&e)), after: None }
+            })?;
         let status = response.status();
+        self.responses.count(status.as_str());
         if status.is_success() {
             return Ok(Delivered::default());
         }
