@@ -7,7 +7,8 @@
 //! - **Labels** (low cardinality only): `service_name` from `service.name`, `namespace`,
 //!   `pod`, `container` and `node` from `k8s.namespace.name`, `k8s.pod.name`,
 //!   `k8s.container.name` and `k8s.node.name` (or `host.name`), `stream` from the record's
-//!   `log.iostream`, plus the resource attributes that the resource names in
+//!   `log.iostream`, other `k8s.*.name` resource attributes as `k8s_*_name` (as Loki's own
+//!   OTLP ingestion indexes them), plus the resource attributes that the resource names in
 //!   `loki.resource.labels` (a comma-separated list; file tailing uses it for `job` and the
 //!   configured static labels). Label names are made valid for Loki
 //!   (`[a-zA-Z_][a-zA-Z0-9_]*`).
@@ -208,6 +209,16 @@ fn resource_labels(attributes: &[KeyValue]) -> Vec<(String, String)> {
     for (attribute, label) in RESOURCE_LABELS {
         if let Some(value) = string_attribute(attributes, attribute) {
             labels.push((label.to_owned(), value.to_owned()));
+        }
+    }
+    // Other Kubernetes workload names (deployment, statefulset, cluster, ...) as Loki's own
+    // OTLP ingestion indexes them: `k8s_deployment_name`.
+    for kv in attributes {
+        let key = kv.key.as_str();
+        if key.starts_with("k8s.") && key.ends_with(".name") && !RESOURCE_LABELS.iter().any(|(a, _)| *a == key) {
+            if let Some(value) = string_attribute(attributes, key) {
+                labels.push((label_name(key), value.to_owned()));
+            }
         }
     }
     if !labels.iter().any(|(name, _)| name == "node") {
@@ -476,6 +487,8 @@ mod tests {
             kv("k8s.namespace.name", "shop"),
             kv("k8s.pod.name", "checkout-7d9"),
             kv("job", "pods"),
+            kv("k8s.deployment.name", "checkout"),
+            kv("k8s.pod.uid", "1234"),
             kv("team", "payments"),
             kv("not.a.label", "x"),
             kv(RESOURCE_LABELS_HINT, "job,team"),
@@ -494,8 +507,8 @@ mod tests {
         assert_eq!(
             selectors,
             [
-                r#"{job="pods", namespace="shop", pod="checkout-7d9", service_name="checkout", stream="stderr", team="payments"}"#,
-                r#"{job="pods", namespace="shop", pod="checkout-7d9", service_name="checkout", team="payments"}"#,
+                r#"{job="pods", k8s_deployment_name="checkout", namespace="shop", pod="checkout-7d9", service_name="checkout", stream="stderr", team="payments"}"#,
+                r#"{job="pods", k8s_deployment_name="checkout", namespace="shop", pod="checkout-7d9", service_name="checkout", team="payments"}"#,
             ]
         );
         let lines: Vec<&str> = request.streams[1].entries.iter().map(|e| e.line.as_str()).collect();
