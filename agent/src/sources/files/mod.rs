@@ -610,3 +610,6 @@ fn is_gzip(file: &mut File) -> bool {
     ok && magic == [0x1f, 0x8b]
 }
 
+
+#[cfg(test)]
+mod tests;
