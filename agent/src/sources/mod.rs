@@ -4,3 +4,4 @@
 
 pub mod files;
 pub mod otlp;
+pub mod prometheus;

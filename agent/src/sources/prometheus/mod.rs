@@ -1,0 +1,3 @@
+//! Scraping local services that expose Prometheus metrics (`sources.prometheus`).
+
+pub mod parse;

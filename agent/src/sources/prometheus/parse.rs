@@ -1,0 +1,482 @@
+//! A parser for the Prometheus text exposition format (0.0.4) and OpenMetrics 1.0 text.
+//!
+//! It borrows from the scraped body (label values are copied only when they hold escapes),
+//! keeps every sample's labels in one shared vector, and checks what Prometheus checks: each
+//! line's syntax, sample names against their family's type, and duplicate series. Any error
+//! fails the whole scrape with the line number and what is wrong, as Prometheus does.
+
+use ahash::RandomState;
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::ops::Range;
+
+/// Which text format a body is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `text/plain; version=0.0.4`
+    Text,
+    /// `application/openmetrics-text; version=1.0.0`
+    OpenMetrics,
+}
+
+/// A family's declared type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+    GaugeHistogram,
+    Summary,
+    Info,
+    StateSet,
+    Unknown,
+}
+
+impl Kind {
+    fn parse(text: &str) -> Option<Kind> {
+        Some(match text {
+            "counter" => Kind::Counter,
+            "gauge" => Kind::Gauge,
+            "histogram" => Kind::Histogram,
+            "gaugehistogram" => Kind::GaugeHistogram,
+            "summary" => Kind::Summary,
+            "info" => Kind::Info,
+            "stateset" => Kind::StateSet,
+            "untyped" | "unknown" => Kind::Unknown,
+            _ => return None,
+        })
+    }
+
+    /// The suffixes a sample of this family may add to the family name.
+    fn suffixes(self, format: Format) -> &'static [&'static str] {
+        match (self, format) {
+            (Kind::Counter, Format::OpenMetrics) => &["_total", "_created"],
+            (Kind::Counter, Format::Text) => &["", "_total"],
+            (Kind::Histogram, _) => &["_bucket", "_sum", "_count", "_created"],
+            (Kind::GaugeHistogram, _) => &["_bucket", "_gsum", "_gcount"],
+            (Kind::Summary, _) => &["", "_sum", "_count", "_created"],
+            (Kind::Info, _) => &["_info"],
+            (Kind::Gauge | Kind::StateSet | Kind::Unknown, _) => &[""],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family<'a> {
+    pub name: &'a str,
+    pub kind: Kind,
+    pub help: Option<Cow<'a, str>>,
+    pub unit: Option<&'a str>,
+    /// This family's samples, as a range of [`Exposition::samples`].
+    pub samples: Range<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Label<'a> {
+    pub name: &'a str,
+    pub value: Cow<'a, str>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exemplar<'a> {
+    pub labels: Vec<Label<'a>>,
+    pub value: f64,
+    pub timestamp_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample<'a> {
+    pub name: &'a str,
+    /// This sample's labels, as a range of [`Exposition::labels`].
+    pub labels: Range<usize>,
+    pub value: f64,
+    pub timestamp_ms: Option<i64>,
+    pub exemplar: Option<Box<Exemplar<'a>>>,
+}
+
+/// A parsed scrape.
+#[derive(Debug, Default)]
+pub struct Exposition<'a> {
+    pub families: Vec<Family<'a>>,
+    pub samples: Vec<Sample<'a>>,
+    pub labels: Vec<Label<'a>>,
+}
+
+impl<'a> Exposition<'a> {
+    pub fn labels_of(&self, sample: &Sample<'a>) -> &[Label<'a>] {
+        &self.labels[sample.labels.clone()]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+
+fn err<T>(line: usize, message: impl Into<String>) -> Result<T, ParseError> {
+    Err(ParseError { line, message: message.into() })
+}
+
+/// Parses a whole body.
+pub fn parse(body: &str, format: Format) -> Result<Exposition<'_>, ParseError> {
+    let mut out = Exposition::default();
+    let hasher = RandomState::with_seeds(1, 2, 3, 4);
+    let mut seen: HashSet<u64, ahash::RandomState> = HashSet::with_capacity_and_hasher(1024, RandomState::new());
+    let mut seen_families: HashSet<&str> = HashSet::new();
+    let mut current: Option<Family<'_>> = None;
+    let mut eof = false;
+    // The index of the last piece of the body split at newlines (empty when it ends in one).
+    let last = body.bytes().filter(|&b| b == b'\n').count();
+
+    for (index, raw) in body.split('\n').enumerate() {
+        let number = index + 1;
+        let line = if format == Format::Text { raw.trim_end_matches('\r') } else { raw };
+        if eof {
+            if line.is_empty() && index == last {
+                continue;
+            }
+            return err(number, "content after # EOF");
+        }
+        if line.is_empty() {
+            if format == Format::OpenMetrics && index != last {
+                return err(number, "empty lines are not allowed in OpenMetrics");
+            }
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            if format == Format::OpenMetrics && comment == " EOF" {
+                eof = true;
+                continue;
+            }
+            let comment = comment.trim_start();
+            let (keyword, rest) = comment.split_once(' ').unwrap_or((comment, ""));
+            match keyword {
+                "HELP" | "TYPE" | "UNIT" => {
+                    let (name, value) = rest.split_once(' ').unwrap_or((rest, ""));
+                    if !valid_metric_name(name) {
+                        return err(number, format!("invalid metric name {name:?} in # {keyword}"));
+                    }
+                    let same = current.as_ref().is_some_and(|f| f.name == name);
+                    if !same {
+                        if let Some(done) = current.take() {
+                            out.families.push(done);
+                        }
+                        if !seen_families.insert(name) {
+                            return err(number, format!("metadata for {name} after its samples or a second time"));
+                        }
+                        current = Some(Family {
+                            name,
+                            kind: Kind::Unknown,
+                            help: None,
+                            unit: None,
+                            samples: out.samples.len()..out.samples.len(),
+                        });
+                    }
+                    let Some(family) = current.as_mut() else { continue };
+                    match keyword {
+                        "HELP" => {
+                            if family.help.is_some() {
+                                return err(number, format!("second # HELP for {name}"));
+                            }
+                            family.help = Some(unescape(value, false));
+                        }
+                        "TYPE" => {
+                            if family.samples.start != out.samples.len() {
+                                return err(number, format!("# TYPE for {name} after its samples"));
+                            }
+                            family.kind = match Kind::parse(value.trim()) {
+                                Some(kind) => kind,
+                                None => return err(number, format!("unknown type {:?} for {name}", value.trim())),
+                            };
+                        }
+                        _ => family.unit = Some(value.trim()),
+                    }
+                }
+                _ if format == Format::OpenMetrics => return err(number, "unknown comment in OpenMetrics"),
+                _ => {}
+            }
+            continue;
+        }
+
+        let sample = parse_sample(line, number, format, &mut out.labels)?;
+        // Which family does it belong to?
+        let belongs = current.as_ref().is_some_and(|f| {
+            sample.name.strip_prefix(f.name).is_some_and(|suffix| f.kind.suffixes(format).contains(&suffix))
+        });
+        if !belongs {
+            if let Some(family) = current.as_ref() {
+                if sample.name.starts_with(family.name) && family.kind != Kind::Unknown && sample.name != family.name {
+                    return err(number, format!("sample {} does not fit the {:?} family {}", sample.name, family.kind, family.name));
+                }
+            }
+            if let Some(done) = current.take() {
+                out.families.push(done);
+            }
+            if !seen_families.insert(sample.name) {
+                return err(number, format!("samples of {} are not together", sample.name));
+            }
+            current = Some(Family {
+                name: sample.name,
+                kind: Kind::Unknown,
+                help: None,
+                unit: None,
+                samples: out.samples.len()..out.samples.len(),
+            });
+        }
+        let mut h = hasher.build_hasher();
+        sample.name.hash(&mut h);
+        for label in &out.labels[sample.labels.clone()] {
+            label.name.hash(&mut h);
+            label.value.hash(&mut h);
+        }
+        if !seen.insert(h.finish()) {
+            return err(number, format!("duplicate series {}", describe(&sample, &out.labels)));
+        }
+        out.samples.push(sample);
+        if let Some(family) = current.as_mut() {
+            family.samples.end = out.samples.len();
+        }
+    }
+    if format == Format::OpenMetrics && !eof {
+        return err(last + 1, "missing # EOF");
+    }
+    if let Some(done) = current.take() {
+        out.families.push(done);
+    }
+    Ok(out)
+}
+
+fn describe(sample: &Sample<'_>, labels: &[Label<'_>]) -> String {
+    let labels: Vec<String> = labels[sample.labels.clone()].iter().map(|l| format!("{}={:?}", l.name, l.value)).collect();
+    format!("{}{{{}}}", sample.name, labels.join(","))
+}
+
+fn parse_sample<'a>(line: &'a str, number: usize, format: Format, labels: &mut Vec<Label<'a>>) -> Result<Sample<'a>, ParseError> {
+    let bytes = line.as_bytes();
+    let name_end = bytes.iter().position(|&b| b == b'{' || b == b' ' || b == b'\t').unwrap_or(bytes.len());
+    let name = &line[..name_end];
+    if !valid_metric_name(name) {
+        return err(number, format!("invalid metric name {name:?}"));
+    }
+    let first_label = labels.len();
+    let mut rest = &line[name_end..];
+    if rest.starts_with('{') {
+        rest = parse_labels(&rest[1..], number, labels)?;
+    }
+    let label_range = first_label..labels.len();
+    // Duplicate label names make a series ambiguous.
+    let set = &labels[label_range.clone()];
+    for (i, a) in set.iter().enumerate() {
+        if set[i + 1..].iter().any(|b| b.name == a.name) {
+            return err(number, format!("label {} appears twice", a.name));
+        }
+    }
+    let rest = rest.trim_start_matches([' ', '\t']);
+    let (value_text, rest) = rest.split_once([' ', '\t']).unwrap_or((rest, ""));
+    let value = parse_value(value_text).ok_or_else(|| ParseError { line: number, message: format!("invalid value {value_text:?}") })?;
+    let rest = rest.trim_start_matches([' ', '\t']);
+    let (timestamp_text, rest) = match rest.split_once(" # ") {
+        Some((ts, exemplar)) => (ts.trim(), Some(exemplar)),
+        None if rest.starts_with("# ") => ("", Some(&rest[2..])),
+        None => (rest.trim(), None),
+    };
+    let timestamp_ms = if timestamp_text.is_empty() {
+        None
+    } else {
+        Some(parse_timestamp(timestamp_text, format).ok_or_else(|| ParseError {
+            line: number,
+            message: format!("invalid timestamp {timestamp_text:?}"),
+        })?)
+    };
+    let exemplar = match rest {
+        Some(text) if format == Format::OpenMetrics => Some(Box::new(parse_exemplar(text, number)?)),
+        Some(_) => return err(number, "exemplars are only allowed in OpenMetrics"),
+        None => None,
+    };
+    Ok(Sample { name, labels: label_range, value, timestamp_ms, exemplar })
+}
+
+/// Parses `name="value",...}` and returns what follows the closing brace.
+fn parse_labels<'a>(mut rest: &'a str, number: usize, labels: &mut Vec<Label<'a>>) -> Result<&'a str, ParseError> {
+    loop {
+        rest = rest.trim_start_matches([' ', '\t']);
+        if let Some(after) = rest.strip_prefix('}') {
+            return Ok(after);
+        }
+        let eq = rest.find('=').ok_or_else(|| ParseError { line: number, message: "label without =".into() })?;
+        let name = rest[..eq].trim_end();
+        if !valid_label_name(name) {
+            return err(number, format!("invalid label name {name:?}"));
+        }
+        rest = rest[eq + 1..].trim_start();
+        let Some(quoted) = rest.strip_prefix('"') else { return err(number, format!("value of label {name} is not quoted")) };
+        let bytes = quoted.as_bytes();
+        let mut i = 0;
+        let mut escaped = false;
+        loop {
+            match bytes.get(i) {
+                None => return err(number, format!("unterminated value of label {name}")),
+                Some(b'\\') => {
+                    escaped = true;
+                    i += 2;
+                }
+                Some(b'"') => break,
+                Some(_) => i += 1,
+            }
+        }
+        let raw = quoted.get(..i).ok_or_else(|| ParseError { line: number, message: "bad escape".into() })?;
+        let value = if escaped { unescape(raw, true) } else { Cow::Borrowed(raw) };
+        labels.push(Label { name, value });
+        rest = quoted[i + 1..].trim_start_matches([' ', '\t']);
+        if let Some(after) = rest.strip_prefix(',') {
+            rest = after;
+        } else if !rest.starts_with('}') {
+            return err(number, "expected , or } after a label");
+        }
+    }
+}
+
+fn parse_exemplar<'a>(text: &'a str, number: usize) -> Result<Exemplar<'a>, ParseError> {
+    let text = text.trim();
+    let Some(after) = text.strip_prefix('{') else { return err(number, "an exemplar starts with {") };
+    let mut labels = Vec::new();
+    let rest = parse_labels(after, number, &mut labels)?;
+    let length: usize = labels.iter().map(|l| l.name.chars().count() + l.value.chars().count()).sum();
+    if length > 128 {
+        return err(number, "exemplar labels longer than 128 characters");
+    }
+    let mut parts = rest.split_whitespace();
+    let value_text = parts.next().unwrap_or("");
+    let value = parse_value(value_text).ok_or_else(|| ParseError { line: number, message: format!("invalid exemplar value {value_text:?}") })?;
+    let timestamp_ms = match parts.next() {
+        Some(ts) => Some(parse_timestamp(ts, Format::OpenMetrics).ok_or_else(|| ParseError {
+            line: number,
+            message: format!("invalid exemplar timestamp {ts:?}"),
+        })?),
+        None => None,
+    };
+    Ok(Exemplar { labels, value, timestamp_ms })
+}
+
+fn parse_value(text: &str) -> Option<f64> {
+    match text {
+        "+Inf" | "Inf" | "+inf" | "inf" => Some(f64::INFINITY),
+        "-Inf" | "-inf" => Some(f64::NEG_INFINITY),
+        "NaN" | "nan" => Some(f64::NAN),
+        _ => text.parse().ok(),
+    }
+}
+
+/// Text format: integer milliseconds. OpenMetrics: seconds, possibly fractional.
+fn parse_timestamp(text: &str, format: Format) -> Option<i64> {
+    match format {
+        Format::Text => text.parse().ok(),
+        Format::OpenMetrics => {
+            let seconds: f64 = text.parse().ok()?;
+            seconds.is_finite().then(|| (seconds * 1000.0).round() as i64)
+        }
+    }
+}
+
+fn unescape(text: &str, quotes: bool) -> Cow<'_, str> {
+    if !text.contains('\\') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('\\') => out.push('\\'),
+            Some('"') if quotes => out.push('"'),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    Cow::Owned(out)
+}
+
+pub fn valid_metric_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'A'..=b'Z' | b'_' | b':'))
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+}
+
+pub fn valid_label_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'A'..=b'Z' | b'_')) && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels<'a>(e: &'a Exposition<'a>, i: usize) -> Vec<(&'a str, &'a str)> {
+        e.labels_of(&e.samples[i]).iter().map(|l| (l.name, l.value.as_ref())).collect()
+    }
+
+    #[test]
+    fn text_format_families_samples_and_escapes() {
+        let body = "# HELP http_requests_total Requests.\\nAll of them.\n# TYPE http_requests_total counter\n\
+                    http_requests_total{method=\"post\",path=\"/a \\\"b\\\"\\\\\"} 1027 1395066363000\n\
+                    http_requests_total{method=\"get\"} 3\n\
+                    # TYPE rpc histogram\nrpc_bucket{le=\"0.1\"} 1\nrpc_bucket{le=\"+Inf\"} 2\nrpc_sum 0.3\nrpc_count 2\n\
+                    untyped_thing NaN\n";
+        let e = parse(body, Format::Text).unwrap();
+        assert_eq!(e.families.len(), 3);
+        assert_eq!(e.families[0].help.as_deref(), Some("Requests.\nAll of them."));
+        assert_eq!(e.families[0].kind, Kind::Counter);
+        assert_eq!(e.families[0].samples, 0..2);
+        assert_eq!(labels(&e, 0), [("method", "post"), ("path", "/a \"b\"\\")]);
+        assert_eq!(e.samples[0].timestamp_ms, Some(1395066363000));
+        assert_eq!(e.families[1].kind, Kind::Histogram);
+        assert_eq!(e.families[1].samples, 2..6);
+        assert_eq!(e.samples[3].value, 2.0);
+        assert!(e.samples[6].value.is_nan());
+        assert_eq!(e.families[2].name, "untyped_thing");
+    }
+
+    #[test]
+    fn openmetrics_exemplars_units_and_eof() {
+        let body = "# TYPE latency_seconds histogram\n# UNIT latency_seconds seconds\n\
+                    latency_seconds_bucket{le=\"1.0\"} 3 # {trace_id=\"abc\"} 0.5 1700000000.123\n\
+                    latency_seconds_bucket{le=\"+Inf\"} 4\nlatency_seconds_sum 2.5\nlatency_seconds_count 4\n\
+                    # TYPE jobs counter\njobs_total 7 1700000000.5\n# EOF\n";
+        let e = parse(body, Format::OpenMetrics).unwrap();
+        assert_eq!(e.families[0].unit, Some("seconds"));
+        let exemplar = e.samples[0].exemplar.as_ref().unwrap();
+        assert_eq!(exemplar.labels[0].value, "abc");
+        assert_eq!(exemplar.timestamp_ms, Some(1_700_000_000_123));
+        assert_eq!(e.samples[4].timestamp_ms, Some(1_700_000_000_500));
+        assert_eq!(parse("a 1\n", Format::OpenMetrics).unwrap_err().message, "missing # EOF");
+    }
+
+    #[test]
+    fn broken_expositions_are_refused_with_the_line() {
+        let cases = [
+            ("a{b=\"1\"} 1\na{b=\"1\"} 2\n", 2, "duplicate series a{b=\"1\"}"),
+            ("a 1\nb 1\na 2\n", 3, "samples of a are not together"),
+            ("a{b=1} 1\n", 1, "value of label b is not quoted"),
+            ("a{b=\"1\" 1\n", 1, "expected , or } after a label"),
+            ("a one\n", 1, "invalid value \"one\""),
+            ("# TYPE a gauge\na_total 1\n", 2, "sample a_total does not fit the Gauge family a"),
+            ("# TYPE a bogus\n", 1, "unknown type \"bogus\" for a"),
+            ("0a 1\n", 1, "invalid metric name \"0a\""),
+            ("a{b=\"1\",b=\"2\"} 1\n", 1, "label b appears twice"),
+        ];
+        for (body, line, message) in cases {
+            let e = parse(body, Format::Text).unwrap_err();
+            assert_eq!((e.line, e.message.as_str()), (line, message), "{body:?}");
+        }
+    }
+}
