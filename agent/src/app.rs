@@ -160,8 +160,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }));
     }
     let mut pull_task = None;
+    let mut metric_consumers = Vec::new();
     if let Some(listener) = prometheus_listener {
         let mut collectors: Vec<Arc<dyn Collect>> = Vec::new();
+        // Everything in the metrics pipeline, kept as Prometheus series.
+        let component = metrics.component("prometheus", Signal::Metrics);
+        let (handle, mut input) = pipeline::consumer::<MetricsData>(prometheus::QUEUE_POINTS, component.clone());
+        metric_consumers.push(handle);
+        let store = Arc::new(prometheus::store::Store::new(prometheus::MAX_SERIES, metrics.drops("prometheus", Signal::Metrics)));
+        collectors.push(store.clone());
+        exporter_tasks.push(supervise("exporters.prometheus.store", &metrics, &readiness, async move {
+            while let Some(delivery) = input.recv().await {
+                store.ingest(&delivery.data);
+                component.sent.inc_by(delivery.items as u64);
+            }
+            Ok(())
+        }));
         if let Some(paths) = &shared_paths {
             collectors.push(Arc::new(paths.clone()));
         }
@@ -176,7 +190,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Pipelines.
     let enricher = NodeEnricher::for_environment(node_name.clone());
     let traces = Arc::new(Pipeline::new(enricher.clone(), trace_consumers, metrics.drops("pipeline", Signal::Traces)));
-    let metrics_pipeline = Arc::new(Pipeline::<MetricsData>::new(enricher.clone(), Vec::new(), metrics.drops("pipeline", Signal::Metrics)));
+    let metrics_pipeline = Arc::new(Pipeline::<MetricsData>::new(enricher.clone(), metric_consumers, metrics.drops("pipeline", Signal::Metrics)));
     let logs = Arc::new(Pipeline::<Logs>::new(enricher, log_consumers, metrics.drops("pipeline", Signal::Logs)));
 
     // Sources.

@@ -60,6 +60,16 @@ impl Exposition {
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
     }
 
+    /// Text written as it is (a family header of a type this writer has no name for).
+    pub fn raw(&mut self, text: &str) {
+        self.text.push_str(text);
+    }
+
+    /// One histogram bucket line: `name{labels,le="bound"} value`.
+    pub fn sample_le(&mut self, name: &str, labels: &[(&str, &str)], le: f64, value: f64) {
+        self.sample_with(name, labels, Some(le), value);
+    }
+
     /// One sample line: `name{labels} value`.
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.sample_with(name, labels, None, value);

@@ -1,5 +1,7 @@
 //! `exporters.prometheus`: a pull endpoint, `GET /metrics` on its own listener, where
-//! Prometheus scrapes the metrics Periscope derives and collects (text format 0.0.4).
+//! Prometheus scrapes the metrics Periscope derives and collects (text format 0.0.4): the
+//! metrics pipeline's series (kept in [`store::Store`]) and the derived span metrics, service
+//! graph and execution-path metrics.
 //!
 //! Every holder of such metrics is a [`Collect`]; each scrape asks each of them in turn.
 
@@ -14,7 +16,14 @@ use tokio::net::TcpListener;
 
 use crate::telemetry::exposition::{Collect, Exposition};
 
+pub mod naming;
+pub mod store;
+
 pub const KEY: &str = "exporters.prometheus";
+/// Data points waiting to be added to the store.
+pub const QUEUE_POINTS: usize = 256 * 1024;
+/// Series the store keeps; further new series are dropped and counted (`reason="series_limit"`).
+pub const MAX_SERIES: usize = 500_000;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Default)]
