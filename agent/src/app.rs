@@ -23,6 +23,7 @@ use crate::pipeline::{self, Pipeline};
 use crate::signal::{Logs, Metrics as MetricsData, Signal, Traces};
 use crate::sources::files::{self, FileSource};
 use crate::sources::otlp::{self, Intake};
+use crate::sources::prometheus as prometheus_source;
 use crate::telemetry::{Metrics, Readiness};
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +224,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             otlp::http::serve(listener, router, tls.as_ref(), async move { stop.cancelled().await }).await
         }));
     }
+    if !config.sources.prometheus.static_targets.is_empty() {
+        let scrape_config = config.sources.prometheus.clone();
+        let pipeline = metrics_pipeline.clone();
+        let stop = stop_sources.clone();
+        let (scrape_metrics, drops) = (metrics.scrapes(), metrics.drops(prometheus_source::KEY, Signal::Metrics));
+        source_tasks.push(supervise(prometheus_source::KEY, &metrics, &readiness, async move {
+            prometheus_source::run(scrape_config, pipeline, scrape_metrics, drops, stop).await
+        }));
+    }
     if !config.sources.logs.is_empty() {
         let source = FileSource::build(&config.sources.logs, &config.data_dir, metrics.files())?;
         if config.exporters.loki.is_none() {
@@ -283,8 +293,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// Sections that are configured but whose components are not part of this version yet.
 fn warn_unavailable(config: &Config) {
     let mut unavailable = Vec::new();
-    if !config.sources.prometheus.static_targets.is_empty() || config.sources.prometheus.kubernetes_pods {
-        unavailable.push("sources.prometheus");
+    if config.sources.prometheus.kubernetes_pods {
+        unavailable.push("sources.prometheus.kubernetes_pods");
     }
     if config.sources.host_metrics.enabled {
         unavailable.push("sources.host_metrics");

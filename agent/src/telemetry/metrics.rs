@@ -63,6 +63,13 @@ struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScrapeLabels {
+    job: String,
+    instance: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabels {
     path: String,
 }
@@ -98,6 +105,7 @@ struct Families {
     files: Gauge,
     file_lag: Family<PathLabels, Gauge>,
     responses: Family<CodeLabels, Counter>,
+    scrape_failures: Family<ScrapeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -209,7 +217,17 @@ impl Metrics {
             "Answers of a backend to export requests, by HTTP status code (or `connection_error`)",
             families.responses.clone(),
         );
+        registry.register(
+            "scrape_failures",
+            "Failed scrapes by target and reason (connect, timeout, http_status, too_large, parse)",
+            families.scrape_failures.clone(),
+        );
         Metrics { registry: Arc::new(registry), families }
+    }
+
+    /// Handles for scraping.
+    pub fn scrapes(&self) -> ScrapeMetrics {
+        ScrapeMetrics { failures: self.families.scrape_failures.clone() }
     }
 
     /// Counts a backend's answers by status code.
@@ -388,6 +406,18 @@ impl FileMetrics {
     /// Stops reporting a file that is no longer followed.
     pub fn forget(&self, path: &std::path::Path) {
         self.lag.remove(&PathLabels { path: path.to_string_lossy().into_owned() });
+    }
+}
+
+/// Scrape failures by target and reason.
+#[derive(Clone)]
+pub struct ScrapeMetrics {
+    failures: Family<ScrapeLabels, Counter>,
+}
+
+impl ScrapeMetrics {
+    pub fn failure(&self, job: &str, instance: &str, reason: &'static str) {
+        self.failures.get_or_create(&ScrapeLabels { job: job.to_owned(), instance: instance.to_owned(), reason }).inc();
     }
 }
 

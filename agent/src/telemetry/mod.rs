@@ -5,5 +5,5 @@ pub mod logging;
 pub mod metrics;
 pub mod readiness;
 
-pub use metrics::{ComponentMetrics, Drops, FileMetrics, Metrics, PathsMetrics, ReceiverMetrics, Responses};
+pub use metrics::{ComponentMetrics, Drops, FileMetrics, Metrics, PathsMetrics, ReceiverMetrics, Responses, ScrapeMetrics};
 pub use readiness::{Readiness, ReadyHandle};
