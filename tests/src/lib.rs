@@ -14,9 +14,12 @@
 //! - [`otlp`]: builders of OTLP requests with known content, and raw clients.
 //! - [`tls`]: a private CA and the certificates it signed, for receivers and stand-ins
 //!   that speak TLS.
+//! - [`loki`]: a stand-in for Loki's push API that checks what Loki would refuse, and an
+//!   agent process that can be killed with SIGKILL and restarted on the same directory.
 
 mod agent;
 mod collector;
+pub mod loki;
 pub mod otlp;
 pub mod prometheus;
 pub mod spans;
