@@ -22,6 +22,7 @@ use crate::pipeline::enrich::NodeEnricher;
 use crate::pipeline::{self, Pipeline};
 use crate::signal::{Logs, Metrics as MetricsData, Signal, Traces};
 use crate::sources::files::{self, FileSource};
+use crate::sources::host;
 use crate::sources::otlp::{self, Intake};
 use crate::sources::prometheus as prometheus_source;
 use crate::telemetry::{Metrics, Readiness};
@@ -224,6 +225,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             otlp::http::serve(listener, router, tls.as_ref(), async move { stop.cancelled().await }).await
         }));
     }
+    if config.sources.host_metrics.enabled {
+        let host = host::HostMetrics::new(&config.sources.host_metrics.root, node_name.clone());
+        let interval = config.sources.host_metrics.interval;
+        let pipeline = metrics_pipeline.clone();
+        let stop = stop_sources.clone();
+        source_tasks.push(supervise(host::KEY, &metrics, &readiness, async move {
+            host::run(host, interval, pipeline, stop).await
+        }));
+    }
     if !config.sources.prometheus.static_targets.is_empty() {
         let scrape_config = config.sources.prometheus.clone();
         let pipeline = metrics_pipeline.clone();
@@ -295,9 +305,6 @@ fn warn_unavailable(config: &Config) {
     let mut unavailable = Vec::new();
     if config.sources.prometheus.kubernetes_pods {
         unavailable.push("sources.prometheus.kubernetes_pods");
-    }
-    if config.sources.host_metrics.enabled {
-        unavailable.push("sources.host_metrics");
     }
     if !config.sources.pprof.targets.is_empty() {
         unavailable.push("sources.pprof");

@@ -3,5 +3,6 @@
 //! never buffers without bound.
 
 pub mod files;
+pub mod host;
 pub mod otlp;
 pub mod prometheus;
