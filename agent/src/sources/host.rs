@@ -36,10 +36,13 @@ const NETDEV_EXCLUDE: &str = "^$";
 
 type Labels = Vec<(&'static str, String)>;
 
-/// Metrics of one collection, by name: whether a counter, help, points.
+/// One metric of a collection: whether a counter, its help, its points.
+type Family = (bool, String, Vec<(Labels, f64)>);
+
+/// Metrics of one collection, by name.
 #[derive(Default)]
 struct Collected {
-    metrics: BTreeMap<String, (bool, String, Vec<(Labels, f64)>)>,
+    metrics: BTreeMap<String, Family>,
 }
 
 impl Collected {
@@ -345,7 +348,9 @@ mod tests {
         root
     }
 
-    fn values(request: &Metrics) -> Vec<(String, Vec<(String, String)>, f64)> {
+    type Point = (String, Vec<(String, String)>, f64);
+
+    fn values(request: &Metrics) -> Vec<Point> {
         let mut out = Vec::new();
         for m in &request.resource_metrics[0].scope_metrics[0].metrics {
             let points = match &m.data {
@@ -375,7 +380,7 @@ mod tests {
         out
     }
 
-    fn find(all: &[(String, Vec<(String, String)>, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
+    fn find(all: &[Point], name: &str, labels: &[(&str, &str)]) -> f64 {
         all.iter()
             .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
             .map(|x| x.2)
