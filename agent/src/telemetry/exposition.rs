@@ -18,7 +18,7 @@ pub struct Exposition {
 }
 
 /// The type line of a family.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Type {
     Counter,
     Gauge,

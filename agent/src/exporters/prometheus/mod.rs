@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::telemetry::exposition::{Collect, Exposition};
 
+pub mod convert;
 pub mod naming;
 pub mod store;
 

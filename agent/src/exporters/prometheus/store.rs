@@ -11,34 +11,19 @@
 //! away leaves no ghost series. At most `max_series` series are kept; further new series are
 //! dropped and counted.
 
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::{
-    exponential_histogram_data_point::Buckets, metric, number_data_point, AggregationTemporality, Metric,
-};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::naming;
+use super::convert::{self, Labels, Value};
 use crate::signal::Metrics;
 use crate::telemetry::exposition::{Collect, Exposition, Type};
 use crate::telemetry::Drops;
 
-/// The instrumentation scope of metrics scraped from Prometheus endpoints.
-pub const SCRAPE_SCOPE: &str = "periscope.scrape";
+pub use super::convert::SCRAPE_SCOPE;
 /// A series not updated this long is removed.
 pub const EXPIRY: Duration = Duration::from_secs(300);
-/// OTLP's `DataPointFlags.FLAG_NO_RECORDED_VALUE`.
-const NO_RECORDED_VALUE: u32 = 1;
 
-type Labels = Vec<(String, String)>;
-
-#[derive(Debug, Clone)]
-enum Value {
-    Number(f64),
-    Histogram { bounds: Vec<f64>, counts: Vec<u64>, sum: f64, count: u64 },
-    Summary { quantiles: Vec<(f64, f64)>, sum: f64, count: u64 },
-}
 
 struct Series {
     value: Value,
@@ -65,30 +50,8 @@ pub struct Store {
     drops: Drops,
 }
 
-fn string_value(value: Option<&AnyValue>) -> Option<String> {
-    match value?.value.as_ref()? {
-        any_value::Value::StringValue(s) => Some(s.clone()),
-        any_value::Value::IntValue(i) => Some(i.to_string()),
-        any_value::Value::DoubleValue(d) => Some(d.to_string()),
-        any_value::Value::BoolValue(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
 
-fn attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
-    attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref())
-}
 
-fn labels_of(attributes: &[KeyValue], raw: bool) -> Labels {
-    attributes
-        .iter()
-        .filter_map(|kv| {
-            let value = string_value(kv.value.as_ref())?;
-            let name = if raw { kv.key.clone() } else { naming::label_name(&kv.key) };
-            Some((name, value))
-        })
-        .collect()
-}
 
 impl Store {
     pub fn new(max_series: usize, drops: Drops) -> Store {
@@ -106,135 +69,43 @@ impl Store {
     /// Takes one request's data points.
     pub fn ingest(&self, request: &Metrics) {
         let now = Instant::now();
+        let converted = convert::convert(request);
         let mut inner = self.lock();
+        for info in converted.target_info {
+            inner.target_info.insert(info, now);
+        }
         let mut dropped = 0u64;
-        for resource_metrics in &request.resource_metrics {
-            let resource = resource_metrics.resource.as_ref().map_or(&[][..], |r| &r.attributes[..]);
-            let service = string_value(attribute(resource, "service.name"));
-            let namespace = string_value(attribute(resource, "service.namespace"));
-            let job = match (namespace, service) {
-                (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
-                (None, Some(name)) => Some(name),
-                _ => None,
-            };
-            let instance = string_value(attribute(resource, "service.instance.id"));
-            let mut target: Labels = Vec::new();
-            target.extend(job.map(|j| ("job".to_owned(), j)));
-            target.extend(instance.map(|i| ("instance".to_owned(), i)));
-            for scope in &resource_metrics.scope_metrics {
-                let raw = scope.scope.as_ref().is_some_and(|s| s.name == SCRAPE_SCOPE);
-                if !raw && !target.is_empty() {
-                    let mut info = target.clone();
-                    for kv in resource {
-                        if matches!(kv.key.as_str(), "service.name" | "service.namespace" | "service.instance.id") {
-                            continue;
-                        }
-                        if let Some(value) = string_value(kv.value.as_ref()) {
-                            info.push((naming::label_name(&kv.key), value));
-                        }
-                    }
-                    info.sort();
-                    inner.target_info.insert(info, now);
-                }
-                for metric in &scope.metrics {
-                    dropped += self.metric(&mut inner, metric, &target, raw, now);
-                }
-            }
+        for family in converted.families {
+            dropped += self.family(&mut inner, family, now);
         }
         drop(inner);
         self.drops.add("series_limit", dropped);
     }
 
     /// Returns how many new series did not fit.
-    fn metric(&self, inner: &mut Inner, metric: &Metric, target: &Labels, raw: bool, now: Instant) -> u64 {
-        let Some(data) = &metric.data else { return 0 };
-        let (kind, summary, counter, gauge) = match data {
-            metric::Data::Gauge(_) => (Type::Gauge, false, false, true),
-            metric::Data::Sum(sum) if sum.is_monotonic => (Type::Counter, false, true, false),
-            metric::Data::Sum(_) => (Type::Gauge, false, false, true),
-            metric::Data::Histogram(_) | metric::Data::ExponentialHistogram(_) => (Type::Histogram, false, false, false),
-            metric::Data::Summary(_) => (Type::Gauge, true, false, false),
-        };
-        let name = if raw { metric.name.clone() } else { naming::metric_name(&metric.name, &metric.unit, counter, gauge) };
-        let mut points: Vec<(Labels, u32, bool, Value)> = Vec::new();
-        let with_target = |attributes: &[KeyValue]| {
-            let mut labels = labels_of(attributes, raw);
-            for (k, v) in target {
-                if !labels.iter().any(|(name, _)| name == k) {
-                    labels.push((k.clone(), v.clone()));
-                }
-            }
-            labels.sort();
-            labels
-        };
-        let number = |v: &Option<number_data_point::Value>| match v {
-            Some(number_data_point::Value::AsDouble(d)) => *d,
-            Some(number_data_point::Value::AsInt(i)) => *i as f64,
-            None => 0.0,
-        };
-        match data {
-            metric::Data::Gauge(g) => {
-                for p in &g.data_points {
-                    points.push((with_target(&p.attributes), p.flags, false, Value::Number(number(&p.value))));
-                }
-            }
-            metric::Data::Sum(s) => {
-                let delta = s.aggregation_temporality == AggregationTemporality::Delta as i32;
-                for p in &s.data_points {
-                    points.push((with_target(&p.attributes), p.flags, delta, Value::Number(number(&p.value))));
-                }
-            }
-            metric::Data::Histogram(h) => {
-                let delta = h.aggregation_temporality == AggregationTemporality::Delta as i32;
-                for p in &h.data_points {
-                    let value = Value::Histogram {
-                        bounds: p.explicit_bounds.clone(),
-                        counts: p.bucket_counts.clone(),
-                        sum: p.sum.unwrap_or(0.0),
-                        count: p.count,
-                    };
-                    points.push((with_target(&p.attributes), p.flags, delta, value));
-                }
-            }
-            metric::Data::ExponentialHistogram(h) => {
-                let delta = h.aggregation_temporality == AggregationTemporality::Delta as i32;
-                for p in &h.data_points {
-                    let (bounds, counts) = exponential_to_classic(p.scale, p.zero_count, p.positive.as_ref(), p.negative.as_ref());
-                    let value = Value::Histogram { bounds, counts, sum: p.sum.unwrap_or(0.0), count: p.count };
-                    points.push((with_target(&p.attributes), p.flags, delta, value));
-                }
-            }
-            metric::Data::Summary(s) => {
-                for p in &s.data_points {
-                    let quantiles = p.quantile_values.iter().map(|q| (q.quantile, q.value)).collect();
-                    let value = Value::Summary { quantiles, sum: p.sum, count: p.count };
-                    points.push((with_target(&p.attributes), p.flags, false, value));
-                }
-            }
-        }
-
+    fn family(&self, inner: &mut Inner, converted: convert::Family, now: Instant) -> u64 {
         let count = &mut inner.count;
-        let family = inner.families.entry(name).or_insert_with(|| Family {
-            kind,
-            help: metric.description.clone(),
-            summary,
+        let family = inner.families.entry(converted.name).or_insert_with(|| Family {
+            kind: converted.kind,
+            help: converted.help,
+            summary: converted.summary,
             series: HashMap::new(),
         });
         let mut dropped = 0;
-        for (labels, flags, delta, value) in points {
-            if flags & NO_RECORDED_VALUE != 0 {
-                if family.series.remove(&labels).is_some() {
+        for point in converted.points {
+            if point.stale {
+                if family.series.remove(&point.labels).is_some() {
                     *count -= 1;
                 }
                 continue;
             }
-            match family.series.get_mut(&labels) {
+            match family.series.get_mut(&point.labels) {
                 Some(series) => {
-                    series.value = if delta { accumulate(&series.value, value) } else { value };
+                    series.value = if point.delta { accumulate(&series.value, point.value) } else { point.value };
                     series.updated = now;
                 }
                 None if *count < self.max_series => {
-                    family.series.insert(labels, Series { value, updated: now });
+                    family.series.insert(point.labels, Series { value: point.value, updated: now });
                     *count += 1;
                 }
                 None => dropped += 1,
@@ -277,26 +148,6 @@ fn accumulate(old: &Value, new: Value) -> Value {
     }
 }
 
-/// An exponential histogram as classic buckets: each bucket's upper bound is base^(index+1).
-fn exponential_to_classic(scale: i32, zero_count: u64, positive: Option<&Buckets>, negative: Option<&Buckets>) -> (Vec<f64>, Vec<u64>) {
-    let base = 2f64.powf(2f64.powi(-scale));
-    let mut bounds = Vec::new();
-    let mut counts = Vec::new();
-    // Negative values and zeros all fall at or below 0.
-    let below_zero: u64 = negative.map_or(0, |n| n.bucket_counts.iter().sum());
-    if below_zero + zero_count > 0 || positive.is_some() {
-        bounds.push(0.0);
-        counts.push(below_zero + zero_count);
-    }
-    if let Some(positive) = positive {
-        for (i, &c) in positive.bucket_counts.iter().enumerate() {
-            let index = positive.offset + i as i32;
-            bounds.push(base.powi(index + 1));
-            counts.push(c);
-        }
-    }
-    (bounds, counts)
-}
 
 impl Collect for Store {
     fn collect(&self, out: &mut Exposition) {
@@ -361,6 +212,9 @@ fn escape_help(help: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::convert::NO_RECORDED_VALUE;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, AggregationTemporality, Metric};
     use crate::signal::Signal;
     use crate::telemetry::Metrics as SelfMetrics;
     use opentelemetry_proto::tonic::metrics::v1::{
