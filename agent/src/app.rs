@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ListenAddr};
 use crate::exporters::prometheus::{self, Collectors};
-use crate::exporters::{driver, jaeger, loki, BuildError};
+use crate::exporters::{driver, jaeger, loki, remote_write, BuildError};
 use crate::paths;
 use crate::telemetry::exposition::Collect;
 use crate::pipeline::enrich::NodeEnricher;
@@ -163,6 +163,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let mut pull_task = None;
     let mut metric_consumers = Vec::new();
+    if let Some(rw_config) = &config.exporters.prometheus_remote_write {
+        let writer = remote_write::build(rw_config, &config.data_dir, metrics.responses("prometheus_remote_write"))?;
+        let component = metrics.component("prometheus_remote_write", Signal::Metrics);
+        let (handle, input) = pipeline::consumer::<MetricsData>(prometheus::QUEUE_POINTS, component.clone());
+        tracing::info!(target_url = %writer.target(), shards = rw_config.shards, "remote-writing metrics to Prometheus");
+        metric_consumers.push(handle);
+        let hard_stop = hard_stop.clone();
+        exporter_tasks.push(supervise(remote_write::KEY, &metrics, &readiness, async move {
+            writer.run(input, component, hard_stop).await;
+            Ok(())
+        }));
+    }
     if let Some(listener) = prometheus_listener {
         let mut collectors: Vec<Arc<dyn Collect>> = Vec::new();
         // Everything in the metrics pipeline, kept as Prometheus series.
@@ -308,9 +320,6 @@ fn warn_unavailable(config: &Config) {
     }
     if !config.sources.pprof.targets.is_empty() {
         unavailable.push("sources.pprof");
-    }
-    if config.exporters.prometheus_remote_write.is_some() {
-        unavailable.push("exporters.prometheus_remote_write");
     }
     if !unavailable.is_empty() {
         tracing::warn!(

@@ -523,11 +523,59 @@ impl Default for PrometheusExporterConfig {
 pub struct RemoteWriteConfig {
     pub url: String,
     pub headers: BTreeMap<String, String>,
+    /// Parallel senders; each series always goes through the same one, in order.
+    pub shards: usize,
+    pub batch: RemoteWriteBatchConfig,
+    pub wal: WalConfig,
+    pub retry: RetryConfig,
+    /// Deadline of one write request.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl Default for RemoteWriteConfig {
     fn default() -> Self {
-        RemoteWriteConfig { url: "http://prometheus:9090/api/v1/write".into(), headers: BTreeMap::new() }
+        RemoteWriteConfig {
+            url: "http://prometheus:9090/api/v1/write".into(),
+            headers: BTreeMap::new(),
+            shards: 4,
+            batch: RemoteWriteBatchConfig::default(),
+            wal: WalConfig::default(),
+            retry: RetryConfig { initial_interval: Duration::from_millis(500), max_interval: Duration::from_secs(30), ..RetryConfig::default() },
+            timeout: Duration::from_secs(30),
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteWriteBatchConfig {
+    /// Samples per write request...
+    pub max_samples: usize,
+    /// ...or what arrived within this long.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for RemoteWriteBatchConfig {
+    fn default() -> Self {
+        RemoteWriteBatchConfig { max_samples: 2000, timeout: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    /// Bytes the write-ahead log (under `data_dir/remote_write`) may hold; past it the oldest
+    /// samples are dropped and counted.
+    pub max_bytes: ByteSize,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig { max_bytes: ByteSize::mib(512) }
     }
 }
 
@@ -818,6 +866,23 @@ impl Config {
                 err("exporters.prometheus_remote_write.url", e);
             }
             check_headers(&mut err, "exporters.prometheus_remote_write.headers", &rw.headers);
+            if !(1..=64).contains(&rw.shards) {
+                err("exporters.prometheus_remote_write.shards", "must be between 1 and 64".into());
+            }
+            if rw.batch.max_samples == 0 {
+                err("exporters.prometheus_remote_write.batch.max_samples", "must be greater than 0".into());
+            }
+            if rw.timeout.is_zero() {
+                err("exporters.prometheus_remote_write.timeout", "must be greater than 0".into());
+            }
+            if rw.retry.initial_interval.is_zero() {
+                err("exporters.prometheus_remote_write.retry.initial_interval", "must be greater than 0".into());
+            }
+            if let Some(tls) = &rw.tls {
+                check_file(&mut err, "exporters.prometheus_remote_write.tls.ca_file", tls.ca_file.as_ref());
+                check_file(&mut err, "exporters.prometheus_remote_write.tls.cert_file", tls.cert_file.as_ref());
+                check_file(&mut err, "exporters.prometheus_remote_write.tls.key_file", tls.key_file.as_ref());
+            }
         }
         if let Some(loki) = &self.exporters.loki {
             if let Err(e) = check_http_url(&loki.url) {

@@ -10,6 +10,7 @@ pub mod jaeger;
 pub mod loki;
 pub mod otlp;
 pub mod prometheus;
+pub mod remote_write;
 pub mod tls;
 
 use bytes::Bytes;

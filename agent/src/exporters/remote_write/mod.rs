@@ -1,0 +1,345 @@
+//! `exporters.prometheus_remote_write`: the metrics pipeline to Prometheus' remote write 1.0
+//! (protobuf + snappy, `X-Prometheus-Remote-Write-Version: 0.1.0`).
+//!
+//! ```text
+//! metrics pipeline ──▶ convert (names, labels, deltas accumulated) ──▶ shard by series
+//!                       ──▶ shard WAL (fsync) ──▶ shard sender ──▶ Prometheus
+//! ```
+//!
+//! Each series always goes to the same shard, and a shard sends its log in order, so samples
+//! of a series arrive in order while shards send in parallel. A batch leaves the log only once
+//! Prometheus accepted it: 5xx, 429 (honouring `Retry-After`) and connection errors are retried
+//! with backoff for as long as the log holds the batch; other 4xx answers are not retried (the
+//! batch is dropped, counted, and logged with Prometheus' message). The logs are bounded in
+//! bytes; past the bound the oldest samples are dropped and counted (`reason="wal_full"`).
+
+pub mod prompb;
+pub mod wal;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use http::{HeaderMap, HeaderValue};
+use prost::Message;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::otlp::{error_chain, header_map, parse_retry_after};
+use super::prometheus::convert::{self, Labels, Value};
+use super::{tls, BuildError};
+use crate::config::RemoteWriteConfig;
+use crate::pipeline::ConsumerInput;
+use crate::signal::Metrics;
+use crate::telemetry::{ComponentMetrics, Responses};
+use prompb::{Label, Sample, TimeSeries, WriteRequest, STALE_NAN};
+use wal::Wal;
+
+pub const KEY: &str = "exporters.prometheus_remote_write";
+/// Series whose delta values are being accumulated; beyond it deltas pass as they are.
+const MAX_DELTA_SERIES: usize = 500_000;
+
+struct Shard {
+    wal: Mutex<Wal>,
+    notify: Notify,
+}
+
+pub struct RemoteWrite {
+    client: reqwest::Client,
+    url: String,
+    headers: HeaderMap,
+    shards: Vec<Arc<Shard>>,
+    config: RemoteWriteConfig,
+    hasher: ahash::RandomState,
+    responses: Responses,
+}
+
+pub fn build(config: &RemoteWriteConfig, data_dir: &Path, responses: Responses) -> Result<RemoteWrite, BuildError> {
+    let tls = tls::rustls_client_config(config.tls.as_ref(), &format!("{KEY}.tls"))?;
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("periscope/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| BuildError::new(KEY, format!("HTTP client setup failed: {e}")))?;
+    let mut headers = header_map(KEY, &config.headers)?;
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
+    headers.insert(http::header::CONTENT_ENCODING, HeaderValue::from_static("snappy"));
+    headers.insert("x-prometheus-remote-write-version", HeaderValue::from_static("0.1.0"));
+    let shards = (0..config.shards.max(1))
+        .map(|i| {
+            let dir = data_dir.join("remote_write").join(format!("shard-{i}"));
+            let wal = Wal::open(&dir, config.wal.max_bytes.0 / config.shards.max(1) as u64)
+                .map_err(|e| BuildError::new(format!("{KEY}.wal"), format!("cannot open {}: {e}", dir.display())))?;
+            Ok(Arc::new(Shard { wal: Mutex::new(wal), notify: Notify::new() }))
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    Ok(RemoteWrite {
+        client,
+        url: config.url.clone(),
+        headers,
+        shards,
+        config: config.clone(),
+        hasher: ahash::RandomState::with_seeds(7, 11, 13, 17),
+        responses,
+    })
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Accumulates delta points into cumulative ones, per series.
+#[derive(Default)]
+struct Deltas {
+    totals: HashMap<(String, Labels), Value>,
+}
+
+impl Deltas {
+    fn cumulative(&mut self, name: &str, point: &mut convert::Point) {
+        if !point.delta {
+            return;
+        }
+        let key = (name.to_owned(), point.labels.clone());
+        let room = self.totals.len() < MAX_DELTA_SERIES;
+        match self.totals.get_mut(&key) {
+            Some(total) => {
+                *total = match (&*total, &point.value) {
+                    (Value::Number(a), Value::Number(b)) => Value::Number(a + b),
+                    (
+                        Value::Histogram { bounds, counts, sum, count },
+                        Value::Histogram { bounds: nb, counts: nc, sum: ns, count: ncount },
+                    ) if bounds == nb && counts.len() == nc.len() => Value::Histogram {
+                        bounds: bounds.clone(),
+                        counts: counts.iter().zip(nc).map(|(a, b)| a + b).collect(),
+                        sum: sum + ns,
+                        count: count + ncount,
+                    },
+                    (_, new) => new.clone(),
+                };
+                point.value = total.clone();
+            }
+            None if room => {
+                self.totals.insert(key, point.value.clone());
+            }
+            None => {}
+        }
+    }
+}
+
+impl RemoteWrite {
+    pub fn target(&self) -> &str {
+        &self.url
+    }
+
+    /// Runs the shard senders and writes what the pipeline delivers into the shards' logs,
+    /// until the pipeline closes; the senders then stop at `stop` (what is left stays in the
+    /// logs for the next run).
+    pub async fn run(self, mut input: ConsumerInput<Metrics>, metrics: ComponentMetrics, stop: CancellationToken) {
+        let this = Arc::new(self);
+        let closed = CancellationToken::new();
+        let mut senders = tokio::task::JoinSet::new();
+        for shard in &this.shards {
+            let (this, shard, metrics, stop, closed) = (this.clone(), shard.clone(), metrics.clone(), stop.clone(), closed.clone());
+            senders.spawn(async move { this.send_loop(&shard, &metrics, &stop, &closed).await });
+        }
+        let mut deltas = Deltas::default();
+        while let Some(delivery) = input.recv().await {
+            let requests = this.shard_requests(&delivery.data, &mut deltas);
+            for (i, (request, samples)) in requests.into_iter().enumerate() {
+                if samples == 0 {
+                    continue;
+                }
+                let shard = &this.shards[i];
+                let result = shard.wal.lock().await.append(&request, samples);
+                match result {
+                    Ok(dropped) => metrics.dropped("wal_full", dropped),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot write the remote_write log; samples dropped");
+                        metrics.dropped("wal_error", u64::from(samples));
+                    }
+                }
+                shard.notify.notify_one();
+            }
+        }
+        // The pipeline is closed: the senders deliver what is left, then stop (or stop at the
+        // deadline, leaving the rest in the logs for the next run).
+        closed.cancel();
+        for shard in &this.shards {
+            shard.notify.notify_one();
+        }
+        while senders.join_next().await.is_some() {}
+    }
+
+    /// Converts one request and splits it into one `WriteRequest` per shard.
+    fn shard_requests(&self, request: &Metrics, deltas: &mut Deltas) -> Vec<(WriteRequest, u32)> {
+        let mut out: Vec<(WriteRequest, u32)> = (0..self.shards.len()).map(|_| (WriteRequest::default(), 0)).collect();
+        let converted = convert::convert(request);
+        let now = now_ms();
+        let mut push = |name: &str, labels: Labels, value: f64, time_ms: i64| {
+            let mut all: Vec<Label> = labels.into_iter().map(|(name, value)| Label { name, value }).collect();
+            all.push(Label { name: "__name__".into(), value: name.to_owned() });
+            all.sort_by(|a, b| a.name.cmp(&b.name));
+            let shard = (self.hasher.hash_one(&all) % out.len() as u64) as usize;
+            let (request, samples) = &mut out[shard];
+            request.timeseries.push(TimeSeries { labels: all, samples: vec![Sample { value, timestamp: if time_ms > 0 { time_ms } else { now } }] });
+            *samples += 1;
+        };
+        for info in converted.target_info {
+            push("target_info", info, 1.0, now);
+        }
+        for mut family in converted.families {
+            for point in &mut family.points {
+                deltas.cumulative(&family.name, point);
+                if point.stale {
+                    // A staleness marker for every sample the series had.
+                    let stale = f64::from_bits(STALE_NAN);
+                    match &point.value {
+                        Value::Number(_) => push(&family.name, point.labels.clone(), stale, point.time_ms),
+                        _ => {
+                            for (name, labels, _) in convert::samples(&family.name, point) {
+                                push(&name, labels, stale, point.time_ms);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                for (name, labels, value) in convert::samples(&family.name, point) {
+                    push(&name, labels, value, point.time_ms);
+                }
+            }
+        }
+        out
+    }
+
+    async fn send_loop(&self, shard: &Shard, metrics: &ComponentMetrics, stop: &CancellationToken, closed: &CancellationToken) {
+        let max = self.config.batch.max_samples as u64;
+        loop {
+            let batch = match shard.wal.lock().await.read(max) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the remote_write log");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            };
+            if batch.samples == 0 {
+                if batch.end != shard.wal.lock().await.delivered() {
+                    // Moved past an empty or finished segment.
+                    let _ = shard.wal.lock().await.commit(batch.end);
+                    continue;
+                }
+                if closed.is_cancelled() {
+                    return;
+                }
+                tokio::select! {
+                    _ = shard.notify.notified() => {}
+                    _ = tokio::time::sleep(self.config.batch.timeout) => {}
+                    _ = stop.cancelled() => return,
+                }
+                continue;
+            }
+            if batch.samples < max && !closed.is_cancelled() {
+                // Give the batch a moment to fill, as Prometheus' own sender does.
+                tokio::select! {
+                    _ = tokio::time::sleep(self.config.batch.timeout) => {}
+                    _ = stop.cancelled() => {}
+                }
+                let fuller = shard.wal.lock().await.read(max);
+                if let Ok(fuller) = fuller {
+                    if fuller.samples > batch.samples {
+                        if self.deliver(fuller.request, fuller.samples, metrics, stop).await {
+                            let _ = shard.wal.lock().await.commit(fuller.end);
+                        } else {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if self.deliver(batch.request, batch.samples, metrics, stop).await {
+                if let Err(e) = shard.wal.lock().await.commit(batch.end) {
+                    tracing::error!(error = %e, "cannot record remote_write progress");
+                }
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Sends one batch until it is accepted or refused for good. Returns false when stopped
+    /// before that (the batch stays in the log).
+    async fn deliver(&self, request: WriteRequest, samples: u64, metrics: &ComponentMetrics, stop: &CancellationToken) -> bool {
+        let raw = request.encode_to_vec();
+        let mut compressed = vec![0; snap::raw::max_compress_len(raw.len())];
+        let body = match snap::raw::Encoder::new().compress(&raw, &mut compressed) {
+            Ok(n) => {
+                compressed.truncate(n);
+                bytes::Bytes::from(compressed)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot compress a remote_write batch; dropped");
+                metrics.dropped("encode", samples);
+                return true;
+            }
+        };
+        let retry = &self.config.retry;
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(retry.initial_interval)
+            .with_max_delay(retry.max_interval)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let sent = self.client.post(&self.url).headers(self.headers.clone()).timeout(self.config.timeout).body(body.clone());
+            let outcome = tokio::select! {
+                outcome = sent.send() => outcome,
+                _ = stop.cancelled() => return false,
+            };
+            let (reason, after) = match outcome {
+                Ok(response) if response.status().is_success() => {
+                    self.responses.count(response.status().as_str());
+                    metrics.sent.inc_by(samples);
+                    return true;
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    self.responses.count(status.as_str());
+                    let after = response.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+                    let text = response.text().await.unwrap_or_default();
+                    let message: String = text.trim().chars().take(512).collect();
+                    let reason = format!("HTTP {status} from {}: {message}", self.url);
+                    if status.as_u16() != 429 && !status.is_server_error() {
+                        metrics.export_error("permanent");
+                        metrics.dropped("permanent", samples);
+                        tracing::error!(component = "prometheus_remote_write", samples, error = %reason, "remote write refused; batch dropped");
+                        return true;
+                    }
+                    metrics.export_error(if status.as_u16() == 429 { "throttled" } else { "retryable" });
+                    (reason, after)
+                }
+                Err(e) => {
+                    self.responses.count("connection_error");
+                    metrics.export_error("retryable");
+                    (format!("POST {}: {}", self.url, error_chain(&e)), None)
+                }
+            };
+            let delay = after.unwrap_or_else(|| backoff.next().unwrap_or(retry.max_interval));
+            metrics.retried.inc_by(samples);
+            if attempt == 1 {
+                tracing::warn!(component = "prometheus_remote_write", samples, error = %reason, retry_in = ?delay, "remote write failed; retrying (the samples wait in the log)");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return false,
+            }
+        }
+    }
+}
