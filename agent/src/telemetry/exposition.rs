@@ -11,10 +11,20 @@ pub trait Collect: Send + Sync {
     fn collect(&self, out: &mut Exposition);
 }
 
-/// The text being built for one scrape.
+/// The text being built for one scrape, in the text format 0.0.4 or OpenMetrics 1.0.
 #[derive(Default)]
 pub struct Exposition {
     text: String,
+    openmetrics: bool,
+}
+
+/// An exemplar to write after a sample (OpenMetrics only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExemplarText {
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+    /// Unix seconds.
+    pub timestamp: Option<f64>,
 }
 
 /// The type line of a family.
@@ -27,10 +37,23 @@ pub enum Type {
 
 impl Exposition {
     pub fn new() -> Self {
-        Exposition { text: String::with_capacity(64 * 1024) }
+        Exposition { text: String::with_capacity(64 * 1024), openmetrics: false }
     }
 
-    pub fn into_text(self) -> String {
+    /// An exposition in OpenMetrics 1.0: counter families named without `_total`, exemplars,
+    /// `# EOF` at the end.
+    pub fn openmetrics() -> Self {
+        Exposition { text: String::with_capacity(64 * 1024), openmetrics: true }
+    }
+
+    pub fn is_openmetrics(&self) -> bool {
+        self.openmetrics
+    }
+
+    pub fn into_text(mut self) -> String {
+        if self.openmetrics {
+            self.text.push_str("# EOF\n");
+        }
         self.text
     }
 
@@ -41,6 +64,10 @@ impl Exposition {
 
     /// Starts a family: its `# HELP` and `# TYPE` lines.
     pub fn family(&mut self, name: &str, help: &str, kind: Type) {
+        let name = match kind {
+            Type::Counter if self.openmetrics => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
         let kind = match kind {
             Type::Counter => "counter",
             Type::Gauge => "gauge",
@@ -68,6 +95,30 @@ impl Exposition {
     /// One histogram bucket line: `name{labels,le="bound"} value`.
     pub fn sample_le(&mut self, name: &str, labels: &[(&str, &str)], le: f64, value: f64) {
         self.sample_with(name, labels, Some(le), value);
+    }
+
+    /// A sample (or bucket, with `le`) followed by an exemplar when writing OpenMetrics.
+    pub fn sample_exemplar(&mut self, name: &str, labels: &[(&str, &str)], le: Option<f64>, value: f64, exemplar: Option<&ExemplarText>) {
+        self.sample_with(name, labels, le, value);
+        let Some(exemplar) = exemplar.filter(|_| self.openmetrics) else { return };
+        // Replace the newline just written with the exemplar.
+        self.text.pop();
+        self.text.push_str(" # {");
+        for (i, (key, value)) in exemplar.labels.iter().enumerate() {
+            if i > 0 {
+                self.text.push(',');
+            }
+            self.text.push_str(key);
+            self.text.push_str("=\"");
+            escape_label_value(&mut self.text, value);
+            self.text.push('"');
+        }
+        self.text.push_str("} ");
+        write_value(&mut self.text, exemplar.value);
+        if let Some(ts) = exemplar.timestamp {
+            let _ = write!(self.text, " {ts:.3}");
+        }
+        self.text.push('\n');
     }
 
     /// One sample line: `name{labels} value`.
@@ -201,6 +252,18 @@ mod tests {
              x_seconds_bucket{step=\"a > b\",le=\"+Inf\"} 4\n\
              x_seconds_sum{step=\"a > b\"} 20.65\n\
              x_seconds_count{step=\"a > b\"} 4\n"
+        );
+    }
+
+    #[test]
+    fn openmetrics_names_counter_families_without_total_and_ends_with_eof() {
+        let mut out = Exposition::openmetrics();
+        out.family("jobs_total", "Jobs.", Type::Counter);
+        let exemplar = ExemplarText { labels: vec![("trace_id".into(), "abc".into())], value: 1.0, timestamp: Some(1.5) };
+        out.sample_exemplar("jobs_total", &[], None, 3.0, Some(&exemplar));
+        assert_eq!(
+            out.into_text(),
+            "# HELP jobs Jobs.\n# TYPE jobs counter\njobs_total 3 # {trace_id=\"abc\"} 1 1.500\n# EOF\n"
         );
     }
 

@@ -9,12 +9,13 @@
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
-    exponential_histogram_data_point::Buckets, metric, number_data_point, AggregationTemporality, Metric,
+    exemplar, exponential_histogram_data_point::Buckets, metric, number_data_point, AggregationTemporality, Exemplar,
+    Metric,
 };
 
 use super::naming;
 use crate::signal::Metrics;
-use crate::telemetry::exposition::Type;
+use crate::telemetry::exposition::{ExemplarText, Type};
 
 /// The instrumentation scope of metrics scraped from Prometheus endpoints.
 pub const SCRAPE_SCOPE: &str = "periscope.scrape";
@@ -41,6 +42,42 @@ pub struct Point {
     pub stale: bool,
     /// The value is a delta to add to the previous one.
     pub delta: bool,
+    /// Exemplars of the point: `trace_id` / `span_id` and the filtered attributes as labels.
+    pub exemplars: Vec<ExemplarText>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn exemplars(list: &[Exemplar]) -> Vec<ExemplarText> {
+    list.iter()
+        .map(|e| {
+            let mut labels = Vec::new();
+            if !e.trace_id.is_empty() {
+                labels.push(("trace_id".to_owned(), hex(&e.trace_id)));
+            }
+            if !e.span_id.is_empty() {
+                labels.push(("span_id".to_owned(), hex(&e.span_id)));
+            }
+            for kv in &e.filtered_attributes {
+                if let Some(value) = string_value(kv.value.as_ref()) {
+                    labels.push((naming::label_name(&kv.key), value));
+                }
+            }
+            let value = match e.value {
+                Some(exemplar::Value::AsDouble(d)) => d,
+                Some(exemplar::Value::AsInt(i)) => i as f64,
+                None => 0.0,
+            };
+            let timestamp = (e.time_unix_nano > 0).then(|| e.time_unix_nano as f64 / 1e9);
+            ExemplarText { labels, value, timestamp }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -152,24 +189,28 @@ fn family(metric: &Metric, target: &Labels, raw: bool) -> Option<Family> {
         Some(number_data_point::Value::AsInt(i)) => *i as f64,
         None => 0.0,
     };
-    let point = |attributes: &[KeyValue], time: u64, flags: u32, delta: bool, value: Value| Point {
+    let point = |attributes: &[KeyValue], time: u64, flags: u32, delta: bool, value: Value, examples: &[Exemplar]| Point {
         labels: with_target(attributes),
         value,
         time_ms: (time / 1_000_000) as i64,
         stale: flags & NO_RECORDED_VALUE != 0,
         delta,
+        exemplars: exemplars(examples),
     };
     let delta_of = |t: i32| t == AggregationTemporality::Delta as i32;
     let points = match data {
         metric::Data::Gauge(g) => g
             .data_points
             .iter()
-            .map(|p| point(&p.attributes, p.time_unix_nano, p.flags, false, Value::Number(number(&p.value))))
+            .map(|p| point(&p.attributes, p.time_unix_nano, p.flags, false, Value::Number(number(&p.value)), &p.exemplars))
             .collect(),
         metric::Data::Sum(s) => s
             .data_points
             .iter()
-            .map(|p| point(&p.attributes, p.time_unix_nano, p.flags, delta_of(s.aggregation_temporality), Value::Number(number(&p.value))))
+            .map(|p| {
+                let value = Value::Number(number(&p.value));
+                point(&p.attributes, p.time_unix_nano, p.flags, delta_of(s.aggregation_temporality), value, &p.exemplars)
+            })
             .collect(),
         metric::Data::Histogram(h) => h
             .data_points
@@ -181,7 +222,7 @@ fn family(metric: &Metric, target: &Labels, raw: bool) -> Option<Family> {
                     sum: p.sum.unwrap_or(0.0),
                     count: p.count,
                 };
-                point(&p.attributes, p.time_unix_nano, p.flags, delta_of(h.aggregation_temporality), value)
+                point(&p.attributes, p.time_unix_nano, p.flags, delta_of(h.aggregation_temporality), value, &p.exemplars)
             })
             .collect(),
         metric::Data::ExponentialHistogram(h) => h
@@ -190,7 +231,7 @@ fn family(metric: &Metric, target: &Labels, raw: bool) -> Option<Family> {
             .map(|p| {
                 let (bounds, counts) = exponential_to_classic(p.scale, p.zero_count, p.positive.as_ref(), p.negative.as_ref());
                 let value = Value::Histogram { bounds, counts, sum: p.sum.unwrap_or(0.0), count: p.count };
-                point(&p.attributes, p.time_unix_nano, p.flags, delta_of(h.aggregation_temporality), value)
+                point(&p.attributes, p.time_unix_nano, p.flags, delta_of(h.aggregation_temporality), value, &p.exemplars)
             })
             .collect(),
         metric::Data::Summary(s) => s
@@ -198,7 +239,7 @@ fn family(metric: &Metric, target: &Labels, raw: bool) -> Option<Family> {
             .iter()
             .map(|p| {
                 let quantiles = p.quantile_values.iter().map(|q| (q.quantile, q.value)).collect();
-                point(&p.attributes, p.time_unix_nano, p.flags, false, Value::Summary { quantiles, sum: p.sum, count: p.count })
+                point(&p.attributes, p.time_unix_nano, p.flags, false, Value::Summary { quantiles, sum: p.sum, count: p.count }, &[])
             })
             .collect(),
     };

@@ -26,6 +26,7 @@ pub const QUEUE_POINTS: usize = 256 * 1024;
 /// Series the store keeps; further new series are dropped and counted (`reason="series_limit"`).
 pub const MAX_SERIES: usize = 500_000;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Default)]
 pub struct Collectors(Arc<Vec<Arc<dyn Collect>>>);
@@ -36,8 +37,8 @@ impl Collectors {
     }
 
     /// The exposition of everything, as one scrape sees it.
-    pub fn render(&self) -> String {
-        let mut out = Exposition::new();
+    pub fn render(&self, openmetrics: bool) -> String {
+        let mut out = if openmetrics { Exposition::openmetrics() } else { Exposition::new() };
         for collector in self.0.iter() {
             collector.collect(&mut out);
         }
@@ -50,9 +51,26 @@ pub fn router(collectors: Collectors) -> Router {
     Router::new().route("/metrics", get(metrics)).with_state(collectors)
 }
 
-async fn metrics(State(collectors): State<Collectors>) -> impl IntoResponse {
-    let text = tokio::task::spawn_blocking(move || collectors.render()).await.unwrap_or_default();
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text)
+/// OpenMetrics when the scraper accepts it (as Prometheus does by default), else text 0.0.4.
+fn wants_openmetrics(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|part| {
+            let mut params = part.split(';').map(str::trim);
+            let media = params.next().unwrap_or("");
+            let refused = params.any(|p| p.replace(' ', "") == "q=0");
+            media == "application/openmetrics-text" && !refused
+        })
+}
+
+async fn metrics(State(collectors): State<Collectors>, headers: http::HeaderMap) -> impl IntoResponse {
+    let openmetrics = wants_openmetrics(&headers);
+    let text = tokio::task::spawn_blocking(move || collectors.render(openmetrics)).await.unwrap_or_default();
+    let content_type = if openmetrics { OPENMETRICS_CONTENT_TYPE } else { CONTENT_TYPE };
+    ([(header::CONTENT_TYPE, content_type)], text)
 }
 
 /// Serves `/metrics` until `stop` completes.
@@ -87,6 +105,20 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&body),
             "# HELP demo_total A demo counter.\n# TYPE demo_total counter\ndemo_total{a=\"b\"} 3\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn openmetrics_is_served_to_scrapers_that_accept_it() {
+        let router = router(Collectors::new(vec![Arc::new(Fixed)]));
+        let accept = "application/openmetrics-text;version=1.0.0;q=0.9,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let request = Request::get("/metrics").header(header::ACCEPT, accept).body(Body::empty()).unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.headers()[header::CONTENT_TYPE], OPENMETRICS_CONTENT_TYPE);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            "# HELP demo A demo counter.\n# TYPE demo counter\ndemo_total{a=\"b\"} 3\n# EOF\n"
         );
     }
 }

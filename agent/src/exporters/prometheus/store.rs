@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::convert::{self, Labels, Value};
 use crate::signal::Metrics;
-use crate::telemetry::exposition::{Collect, Exposition, Type};
+use crate::telemetry::exposition::{Collect, ExemplarText, Exposition, Type};
 use crate::telemetry::Drops;
 
 pub use super::convert::SCRAPE_SCOPE;
@@ -28,6 +28,18 @@ pub const EXPIRY: Duration = Duration::from_secs(300);
 struct Series {
     value: Value,
     updated: Instant,
+    /// The most recent exemplars, newest last.
+    exemplars: Vec<ExemplarText>,
+}
+
+/// Exemplars kept per series.
+const EXEMPLARS: usize = 8;
+
+fn keep_exemplars(kept: &mut Vec<ExemplarText>, new: Vec<ExemplarText>) {
+    kept.extend(new);
+    if kept.len() > EXEMPLARS {
+        kept.drain(..kept.len() - EXEMPLARS);
+    }
 }
 
 struct Family {
@@ -103,9 +115,12 @@ impl Store {
                 Some(series) => {
                     series.value = if point.delta { accumulate(&series.value, point.value) } else { point.value };
                     series.updated = now;
+                    keep_exemplars(&mut series.exemplars, point.exemplars);
                 }
                 None if *count < self.max_series => {
-                    family.series.insert(point.labels, Series { value: point.value, updated: now });
+                    let mut exemplars = Vec::new();
+                    keep_exemplars(&mut exemplars, point.exemplars);
+                    family.series.insert(point.labels, Series { value: point.value, updated: now, exemplars });
                     *count += 1;
                 }
                 None => dropped += 1,
@@ -164,19 +179,25 @@ impl Collect for Store {
             for (labels, s) in series {
                 let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 match &s.value {
-                    Value::Number(v) => out.sample(name, &pairs, *v),
+                    Value::Number(v) => {
+                        let exemplar = (family.kind == Type::Counter).then(|| s.exemplars.last()).flatten();
+                        out.sample_exemplar(name, &pairs, None, *v, exemplar);
+                    }
                     Value::Histogram { bounds, counts, sum, count } => {
                         let mut cumulative = 0;
                         let bucket = format!("{name}_bucket");
+                        let mut below = f64::NEG_INFINITY;
+                        let in_bucket = |low: f64, high: f64| s.exemplars.iter().rev().find(|e| e.value > low && e.value <= high);
                         for (i, c) in counts.iter().enumerate() {
                             cumulative += c;
                             let le = bounds.get(i).copied().unwrap_or(f64::INFINITY);
                             if le.is_infinite() {
                                 break;
                             }
-                            out.sample_le(&bucket, &pairs, le, cumulative as f64);
+                            out.sample_exemplar(&bucket, &pairs, Some(le), cumulative as f64, in_bucket(below, le));
+                            below = le;
                         }
-                        out.sample_le(&bucket, &pairs, f64::INFINITY, *count as f64);
+                        out.sample_exemplar(&bucket, &pairs, Some(f64::INFINITY), *count as f64, in_bucket(below, f64::INFINITY));
                         out.sample(&format!("{name}_sum"), &pairs, *sum);
                         out.sample(&format!("{name}_count"), &pairs, *count as f64);
                     }
@@ -326,6 +347,43 @@ mod tests {
         assert!(text.contains("rpc_duration_seconds_bucket{instance=\"pod-1\",job=\"shop\",le=\"1\"} 3\n"), "{text}");
         assert!(text.contains("rpc_duration_seconds_bucket{instance=\"pod-1\",job=\"shop\",le=\"+Inf\"} 6\n"), "{text}");
         assert!(text.contains("rpc_duration_seconds_count{instance=\"pod-1\",job=\"shop\"} 6\n"), "{text}");
+    }
+
+    #[test]
+    fn exemplars_are_written_in_openmetrics_on_their_bucket() {
+        use opentelemetry_proto::tonic::metrics::v1::{exemplar, Exemplar};
+        let store = store();
+        let histogram = Metric {
+            name: "rpc.duration".into(),
+            unit: "s".into(),
+            data: Some(metric::Data::Histogram(Histogram {
+                data_points: vec![HistogramDataPoint {
+                    explicit_bounds: vec![0.1, 1.0],
+                    bucket_counts: vec![1, 2, 3],
+                    sum: Some(9.5),
+                    count: 6,
+                    exemplars: vec![Exemplar {
+                        trace_id: vec![0xab; 16],
+                        value: Some(exemplar::Value::AsDouble(0.5)),
+                        time_unix_nano: 1_700_000_000_000_000_000,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            })),
+            ..Default::default()
+        };
+        store.ingest(&request("app", vec![histogram]));
+        let mut out = Exposition::openmetrics();
+        store.collect(&mut out);
+        let text = out.into_text();
+        let line = text.lines().find(|l| l.contains("le=\"1\"")).unwrap();
+        assert_eq!(line, "rpc_duration_seconds_bucket{instance=\"pod-1\",job=\"shop\",le=\"1\"} 3 # {trace_id=\"abababababababababababababababab\"} 0.5 1700000000.000");
+        assert!(!text.lines().find(|l| l.contains("le=\"0.1\"")).unwrap().contains('#'));
+        assert!(text.ends_with("# EOF\n"));
+        // The text format has no exemplars.
+        assert!(!render(&store).contains("trace_id"));
     }
 
     #[test]

@@ -12,8 +12,9 @@ use ahash::RandomState;
 use flate2::read::GzDecoder;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
-    metric, number_data_point, summary_data_point::ValueAtQuantile, AggregationTemporality, Gauge, Histogram,
-    HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, Summary, SummaryDataPoint,
+    exemplar, metric, number_data_point, summary_data_point::ValueAtQuantile, AggregationTemporality, Exemplar, Gauge,
+    Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, Summary,
+    SummaryDataPoint,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use std::collections::{BTreeMap, HashMap};
@@ -281,6 +282,7 @@ impl Target {
                 Kind::Histogram => {
                     let mut groups: BTreeMap<Vec<(String, String)>, HistogramDataPoint> = BTreeMap::new();
                     let mut buckets: BTreeMap<Attributes, Vec<(f64, f64)>> = BTreeMap::new();
+                    let mut examples: BTreeMap<Attributes, Vec<Exemplar>> = BTreeMap::new();
                     for s in samples {
                         let suffix = &s.name[family.name.len()..];
                         let skip = if suffix == "_bucket" { Some("le") } else { None };
@@ -292,6 +294,9 @@ impl Target {
                                     .iter()
                                     .find(|l| l.name == "le")
                                     .and_then(|l| parse_le(&l.value));
+                                if let Some(e) = &s.exemplar {
+                                    examples.entry(attributes.clone()).or_default().push(otlp_exemplar(e, builder.time));
+                                }
                                 if let Some(le) = le {
                                     buckets.entry(attributes).or_default().push((le, s.value));
                                 }
@@ -322,6 +327,7 @@ impl Target {
                         if point.bucket_counts.len() == point.explicit_bounds.len() {
                             point.bucket_counts.push((point.count as f64 - previous).max(0.0) as u64);
                         }
+                        point.exemplars = examples.remove(&id.attributes).unwrap_or_default();
                         builder.histogram(id, help, point);
                     }
                 }
@@ -357,7 +363,8 @@ impl Target {
                         }
                         let id = SeriesId { metric: s.name.to_owned(), attributes: self.attributes(exposition, s.labels.clone(), None) };
                         if admit(self, &id) {
-                            builder.number(id, help, s.value, kind);
+                            let exemplar = s.exemplar.as_deref().map(|e| otlp_exemplar(e, builder.time));
+                            builder.number(id, help, s.value, kind, exemplar);
                         }
                     }
                 }
@@ -365,6 +372,32 @@ impl Target {
         }
         over_limit
     }
+}
+
+/// A scraped exemplar as an OTLP one: `trace_id` / `span_id` labels as ids when they are hex
+/// of the right length, the other labels as filtered attributes.
+fn otlp_exemplar(e: &parse::Exemplar<'_>, scrape_time: u64) -> Exemplar {
+    let mut out = Exemplar {
+        time_unix_nano: e.timestamp_ms.map_or(scrape_time, |ms| (ms.max(0) as u64) * 1_000_000),
+        value: Some(exemplar::Value::AsDouble(e.value)),
+        ..Default::default()
+    };
+    for label in &e.labels {
+        let bytes = hex_bytes(&label.value);
+        match (label.name, bytes) {
+            ("trace_id", Some(b)) if b.len() == 16 => out.trace_id = b,
+            ("span_id", Some(b)) if b.len() == 8 => out.span_id = b,
+            _ => out.filtered_attributes.push(kv(label.name, &label.value)),
+        }
+    }
+    out
+}
+
+fn hex_bytes(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 fn parse_le(text: &str) -> Option<f64> {
@@ -420,8 +453,9 @@ impl Builder {
         }
     }
 
-    fn number(&mut self, id: SeriesId, help: &str, value: f64, kind: Kind) {
-        let point = self.number_point(&id.attributes, value, 0);
+    fn number(&mut self, id: SeriesId, help: &str, value: f64, kind: Kind, exemplar: Option<Exemplar>) {
+        let mut point = self.number_point(&id.attributes, value, 0);
+        point.exemplars.extend(exemplar);
         match self.metric(&id.metric, help, || data_for(kind)) {
             metric::Data::Sum(sum) => sum.data_points.push(point),
             metric::Data::Gauge(gauge) => gauge.data_points.push(point),
@@ -432,7 +466,7 @@ impl Builder {
 
     fn gauge(&mut self, name: &str, attributes: &[(String, String)], value: f64, kind: Kind) {
         let id = SeriesId { metric: name.to_owned(), attributes: attributes.to_vec() };
-        self.number(id, "", value, kind);
+        self.number(id, "", value, kind, None);
     }
 
     fn histogram(&mut self, id: SeriesId, help: &str, mut point: HistogramDataPoint) {
