@@ -105,10 +105,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let shared_paths = paths_parts.as_ref().map(|(shared, ..)| shared.clone());
 
+    let profiling = crate::profiling::Profiling::new(
+        &config.sources.pprof.targets,
+        crate::sources::prometheus::client().map_err(|message| BuildError::new("sources.pprof", message))?,
+    );
     let admin_router = admin::router(AdminState {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         paths: shared_paths.clone(),
+        profiling: Some(profiling),
+        access: admin::Access { token: config.server.auth_token.clone(), loopback: config.server.listen.0.ip().is_loopback() },
     });
     let admin_task = {
         let stop = stop_admin.clone();
@@ -318,8 +324,8 @@ fn warn_unavailable(config: &Config) {
     if config.sources.prometheus.kubernetes_pods {
         unavailable.push("sources.prometheus.kubernetes_pods");
     }
-    if !config.sources.pprof.targets.is_empty() {
-        unavailable.push("sources.pprof");
+    if config.sources.pprof.targets.iter().any(|t| !t.interval.is_zero()) {
+        unavailable.push("sources.pprof.targets[].interval (continuous profiling)");
     }
     if !unavailable.is_empty() {
         tracing::warn!(

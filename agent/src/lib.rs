@@ -13,6 +13,7 @@ pub mod config;
 pub mod exporters;
 pub mod paths;
 pub mod pipeline;
+pub mod profiling;
 pub mod signal;
 pub mod sources;
 pub mod telemetry;

@@ -1,5 +1,9 @@
-//! The admin server: health, readiness, self-metrics and the execution-path API. It reads
-//! shared state and owns no data; later the profiling and UI routes join it here.
+//! The admin server: health, readiness, self-metrics, the execution-path API and CPU
+//! profiles. It reads shared state and owns no data.
+//!
+//! `/debug/pprof/*` is guarded: with `server.auth_token` set it needs
+//! `Authorization: Bearer <token>` (401 otherwise); without a token it is served only on a
+//! loopback listener (403 with instructions otherwise).
 
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
@@ -9,6 +13,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::paths::{Paths, Rendered, TreeFormat};
+use crate::profiling::{self, Profiling};
 use crate::telemetry::{Metrics, Readiness};
 
 #[derive(Clone)]
@@ -17,6 +22,48 @@ pub struct AdminState {
     pub readiness: Readiness,
     /// `None` when `paths.enabled` is false.
     pub paths: Option<Paths>,
+    /// `None` when profiling is not set up (tests of other routes).
+    pub profiling: Option<Profiling>,
+    pub access: Access,
+}
+
+/// Who may use the guarded endpoints.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// `server.auth_token`; empty means none.
+    pub token: String,
+    /// Whether `server.listen` is a loopback address.
+    pub loopback: bool,
+}
+
+impl Access {
+    fn check(&self, headers: &http::HeaderMap) -> Result<(), Response> {
+        if self.token.is_empty() {
+            if self.loopback {
+                return Ok(());
+            }
+            return Err(api_error(
+                StatusCode::FORBIDDEN,
+                "profiling is off on a non-loopback server.listen without a token: set server.auth_token \
+                 (for example through ${PERISCOPE_TOKEN}) and send Authorization: Bearer <token>",
+            ));
+        }
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Compare in constant time: the token is a secret.
+        let matches = given.len() == self.token.len()
+            && given.bytes().zip(self.token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if matches {
+            Ok(())
+        } else {
+            let mut response = api_error(StatusCode::UNAUTHORIZED, "send Authorization: Bearer <server.auth_token>");
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            Err(response)
+        }
+    }
 }
 
 /// The admin router, without a socket.
@@ -27,7 +74,64 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/paths", get(paths))
         .route("/api/v1/paths/tree", get(paths_tree))
+        .route("/debug/pprof/profile", get(pprof_profile))
         .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+struct ProfileQuery {
+    seconds: Option<String>,
+    frequency: Option<String>,
+    format: Option<String>,
+    target: Option<String>,
+}
+
+async fn pprof_profile(
+    State(state): State<AdminState>,
+    headers: http::HeaderMap,
+    query: Result<Query<ProfileQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(refused) = state.access.check(&headers) {
+        return refused;
+    }
+    let Some(profiler) = state.profiling else {
+        return api_error(StatusCode::NOT_FOUND, "profiling is not available");
+    };
+    let Ok(Query(query)) = query else {
+        return api_error(StatusCode::BAD_REQUEST, "malformed query string; expected seconds=N&frequency=HZ&format=pprof|svg|folded&target=NAME");
+    };
+    let seconds = match query.seconds.as_deref().map(str::parse::<u64>) {
+        None => 10,
+        Some(Ok(s)) if (1..=profiling::MAX_SECONDS).contains(&s) => s,
+        Some(_) => return api_error(StatusCode::BAD_REQUEST, format!("seconds must be a whole number from 1 to {}", profiling::MAX_SECONDS)),
+    };
+    let frequency = match query.frequency.as_deref().map(str::parse::<u32>) {
+        None => profiling::DEFAULT_FREQUENCY,
+        Some(Ok(f)) if (1..=profiling::MAX_FREQUENCY).contains(&f) => f,
+        Some(_) => return api_error(StatusCode::BAD_REQUEST, format!("frequency must be a whole number from 1 to {} (Hz)", profiling::MAX_FREQUENCY)),
+    };
+    let format = match query.format.as_deref().map(profiling::Format::parse) {
+        None => profiling::Format::Pprof,
+        Some(Some(f)) => f,
+        Some(None) => return api_error(StatusCode::BAD_REQUEST, "format must be pprof, svg or folded"),
+    };
+    let result = match &query.target {
+        Some(target) => profiler.capture_target(target, seconds, format).await,
+        None => profiler.capture_self(seconds, frequency, format).await,
+    };
+    match result {
+        Ok(rendered) => {
+            let mut response = ([(header::CONTENT_TYPE, rendered.format.content_type())], rendered.body).into_response();
+            if rendered.format == profiling::Format::Pprof {
+                let name = query.target.as_deref().unwrap_or("periscope");
+                if let Ok(value) = http::HeaderValue::from_str(&format!("attachment; filename=\"{name}.pb.gz\"")) {
+                    response.headers_mut().insert(header::CONTENT_DISPOSITION, value);
+                }
+            }
+            response
+        }
+        Err(e) => api_error(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.to_string()),
+    }
 }
 
 /// An API error: the status and a JSON body `{"error": "..."}`.
@@ -128,7 +232,7 @@ mod tests {
 
     #[tokio::test]
     async fn readyz_lists_components_until_all_have_started() {
-        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None };
+        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None, profiling: None, access: Access::default() };
         let grpc = state.readiness.register("sources.otlp.grpc");
         let router = router(state);
         assert_eq!(get(&router, "/healthz").await.0, StatusCode::OK);
@@ -140,8 +244,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn profiles_need_the_token_or_a_loopback_listener() {
+        let state = |token: &str, loopback: bool| AdminState {
+            metrics: Metrics::new(),
+            readiness: Readiness::default(),
+            paths: None,
+            profiling: None,
+            access: Access { token: token.into(), loopback },
+        };
+        let (status, body) = get(&router(state("", false)), "/debug/pprof/profile?seconds=1").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(body.contains("server.auth_token"), "{body}");
+        assert_eq!(get(&router(state("s3cret", true)), "/debug/pprof/profile").await.0, StatusCode::UNAUTHORIZED);
+        let request = Request::get("/debug/pprof/profile?seconds=0").header(header::AUTHORIZATION, "Bearer s3cret").body(Body::empty()).unwrap();
+        let response = router(state("s3cret", false)).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "past the guard: no profiler in this state");
+    }
+
+    #[tokio::test]
     async fn metrics_are_exposed() {
-        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None };
+        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None, profiling: None, access: Access::default() };
         let router = router(state);
         let (status, body) = get(&router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);

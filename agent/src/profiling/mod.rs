@@ -1,0 +1,208 @@
+//! CPU profiles on demand: of the agent itself (sampled with pprof-rs) and of the services
+//! beside it that expose a pprof endpoint (`sources.pprof`), as gzipped `profile.proto` (what
+//! `go tool pprof` reads), a flame graph SVG, or collapsed stacks.
+//!
+//! One capture of each profiled process runs at a time (a second request gets 409), captures
+//! last 1 to 300 seconds at 1 to 1000 Hz, and a capture of the agent stops when its client goes
+//! away. Access rules are the admin server's (see [`crate::admin`]).
+
+pub mod profile;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::config::PprofTarget;
+use profile::{Profile, Stack};
+
+pub const MAX_SECONDS: u64 = 300;
+pub const MAX_FREQUENCY: u32 = 1000;
+pub const DEFAULT_FREQUENCY: u32 = 99;
+
+/// What a profile is rendered as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Pprof,
+    Svg,
+    Folded,
+}
+
+impl Format {
+    pub fn parse(text: &str) -> Option<Format> {
+        match text {
+            "pprof" | "proto" => Some(Format::Pprof),
+            "svg" => Some(Format::Svg),
+            "folded" | "collapsed" => Some(Format::Folded),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Pprof => "application/octet-stream",
+            Format::Svg => "image/svg+xml",
+            Format::Folded => "text/plain; charset=utf-8",
+        }
+    }
+}
+
+/// Why a profile could not be had, and the HTTP status that says so.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    UnknownTarget(String),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ProfileError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ProfileError::Busy(_) => 409,
+            ProfileError::BadRequest(_) => 400,
+            ProfileError::UnknownTarget(_) => 404,
+            ProfileError::Upstream(_) => 502,
+            ProfileError::Failed(_) => 500,
+        }
+    }
+}
+
+/// A rendered profile.
+pub struct Rendered {
+    pub format: Format,
+    pub body: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Profiling {
+    own: Arc<Semaphore>,
+    targets: Arc<HashMap<String, (PprofTarget, Arc<Semaphore>)>>,
+    client: reqwest::Client,
+}
+
+impl Profiling {
+    pub fn new(targets: &[PprofTarget], client: reqwest::Client) -> Profiling {
+        let targets = targets.iter().map(|t| (t.name.clone(), (t.clone(), Arc::new(Semaphore::new(1))))).collect();
+        Profiling { own: Arc::new(Semaphore::new(1)), targets: Arc::new(targets), client }
+    }
+
+    /// Samples the agent for `seconds` at `frequency` Hz. Dropping the future stops the capture.
+    pub async fn capture_self(&self, seconds: u64, frequency: u32, format: Format) -> Result<Rendered, ProfileError> {
+        let _permit = self
+            .own
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProfileError::Busy("a profile of the agent is already being captured; try again when it is done".into()))?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let (cancel_tx, cancel_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("periscope-profiler".into())
+            .spawn(move || {
+                let _ = done_tx.send(sample_self(seconds, frequency, cancel_rx));
+            })
+            .map_err(|e| ProfileError::Failed(format!("cannot start the profiler: {e}")))?;
+        // Held until the capture ends; dropping it (the client went away) stops the sampling.
+        let _cancel = cancel_tx;
+        let profile = done_rx.await.map_err(|_| ProfileError::Failed("the profiler stopped unexpectedly".into()))??;
+        render(&profile, None, format, "periscope")
+    }
+
+    /// Pulls a profile of `seconds` from the target called `name`.
+    pub async fn capture_target(&self, name: &str, seconds: u64, format: Format) -> Result<Rendered, ProfileError> {
+        let Some((target, lock)) = self.targets.get(name) else {
+            let known: Vec<&str> = self.targets.keys().map(String::as_str).collect();
+            return Err(ProfileError::UnknownTarget(format!("no pprof target {name:?}; configured: {known:?}")));
+        };
+        let _permit = lock
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProfileError::Busy(format!("a profile of {name} is already being captured; try again when it is done")))?;
+        let separator = if target.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{separator}seconds={seconds}", target.url);
+        let response = self
+            .client
+            .get(&url)
+            .timeout(Duration::from_secs(seconds + 15))
+            .send()
+            .await
+            .map_err(|e| ProfileError::Upstream(format!("{name}: GET {url}: {}", crate::exporters::otlp::error_chain(&e))))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| ProfileError::Upstream(format!("{name}: reading the answer of {url}: {e}")))?;
+        if !status.is_success() {
+            let text: String = String::from_utf8_lossy(&body).trim().chars().take(300).collect();
+            let message = format!("{name} answered HTTP {status}: {text}");
+            // Go's net/http/pprof answers 500 "cpu profiling already in use".
+            return Err(if status.as_u16() == 409 || text.contains("already in use") || text.contains("already") {
+                ProfileError::Busy(message)
+            } else {
+                ProfileError::Upstream(message)
+            });
+        }
+        let profile = profile::decode(&body).map_err(|e| {
+            let start: String = String::from_utf8_lossy(&body[..body.len().min(40)]).chars().filter(|c| !c.is_control()).collect();
+            ProfileError::Upstream(format!("{name} did not return a CPU profile ({e}); it began with {start:?}"))
+        })?;
+        render(&profile, Some(body.to_vec()), format, name)
+    }
+}
+
+fn render(profile: &Profile, original: Option<Vec<u8>>, format: Format, title: &str) -> Result<Rendered, ProfileError> {
+    let body = match format {
+        Format::Pprof => original.unwrap_or_else(|| profile::encode_gzipped(profile)),
+        Format::Folded => profile::folded(profile).into_bytes(),
+        Format::Svg => {
+            let folded = profile::folded(profile);
+            let mut options = inferno::flamegraph::Options::default();
+            options.title = format!("CPU: {title}");
+            options.count_name = "samples".into();
+            let lines: Vec<&str> = if folded.is_empty() { vec!["(no samples) 1"] } else { folded.lines().collect() };
+            let mut svg = Vec::new();
+            inferno::flamegraph::from_lines(&mut options, lines, &mut svg)
+                .map_err(|e| ProfileError::Failed(format!("cannot render the flame graph: {e}")))?;
+            svg
+        }
+    };
+    Ok(Rendered { format, body })
+}
+
+/// Samples this process on the calling thread's behalf until `seconds` pass or `cancel` hangs up.
+fn sample_self(seconds: u64, frequency: u32, cancel: std::sync::mpsc::Receiver<()>) -> Result<Profile, ProfileError> {
+    let start = SystemTime::now();
+    let guard = pprof::ProfilerGuardBuilder::default()
+        .frequency(frequency as i32)
+        // Unwinding through these from a signal handler can deadlock.
+        .blocklist(&["libc", "libgcc", "pthread", "vdso", "ld-linux"])
+        .build()
+        .map_err(|e| ProfileError::Failed(format!("cannot start sampling: {e}")))?;
+    // Either the time is up or the client went away.
+    let _ = cancel.recv_timeout(Duration::from_secs(seconds));
+    let report = guard.report().build().map_err(|e| ProfileError::Failed(format!("cannot build the report: {e}")))?;
+    drop(guard);
+    let stacks: Vec<Stack> = report
+        .data
+        .iter()
+        .map(|(frames, count)| {
+            let mut stack = vec![(frames.thread_name_or_id(), String::new(), 0)];
+            // Frames are leaf first; inlined symbols of a frame likewise.
+            for frame in frames.frames.iter().rev() {
+                for symbol in frame.iter().rev() {
+                    stack.push((symbol.name(), symbol.filename().into_owned(), symbol.lineno()));
+                }
+            }
+            Stack { frames: stack, count: *count as i64 }
+        })
+        .collect();
+    let start_nanos = start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+    let duration = report.timing.duration.as_nanos() as i64;
+    Ok(profile::from_stacks(&stacks, i64::from(frequency), start_nanos, duration))
+}
