@@ -48,3 +48,4 @@ pub fn free_port() -> u16 {
         .map(|addr| addr.port())
         .expect("cannot bind 127.0.0.1:0 to find a free port")
 }
+pub mod promserver;

@@ -37,16 +37,16 @@ pub struct Access {
 }
 
 impl Access {
-    fn check(&self, headers: &http::HeaderMap) -> Result<(), Response> {
+    fn check(&self, headers: &http::HeaderMap) -> Result<(), Box<Response>> {
         if self.token.is_empty() {
             if self.loopback {
                 return Ok(());
             }
-            return Err(api_error(
+            return Err(Box::new(api_error(
                 StatusCode::FORBIDDEN,
                 "profiling is off on a non-loopback server.listen without a token: set server.auth_token \
                  (for example through ${PERISCOPE_TOKEN}) and send Authorization: Bearer <token>",
-            ));
+            )));
         }
         let given = headers
             .get(header::AUTHORIZATION)
@@ -61,7 +61,7 @@ impl Access {
         } else {
             let mut response = api_error(StatusCode::UNAUTHORIZED, "send Authorization: Bearer <server.auth_token>");
             response.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-            Err(response)
+            Err(Box::new(response))
         }
     }
 }
@@ -92,7 +92,7 @@ async fn pprof_profile(
     query: Result<Query<ProfileQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     if let Err(refused) = state.access.check(&headers) {
-        return refused;
+        return *refused;
     }
     let Some(profiler) = state.profiling else {
         return api_error(StatusCode::NOT_FOUND, "profiling is not available");
