@@ -109,11 +109,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         &config.sources.pprof.targets,
         crate::sources::prometheus::client().map_err(|message| BuildError::new("sources.pprof", message))?,
     );
+    let profiles = if config.sources.pprof.targets.iter().any(|t| !t.interval.is_zero()) {
+        let dir = config.data_dir.join("profiles");
+        let store = crate::profiling::store::ProfileStore::open(&dir, crate::profiling::KEPT_PROFILE_BYTES)
+            .map_err(|e| BuildError::new("sources.pprof", format!("cannot open {}: {e}", dir.display())))?;
+        Some(Arc::new(store))
+    } else {
+        None
+    };
     let admin_router = admin::router(AdminState {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         paths: shared_paths.clone(),
-        profiling: Some(profiling),
+        profiling: Some(profiling.clone()),
+        profiles: profiles.clone(),
         access: admin::Access { token: config.server.auth_token.clone(), loopback: config.server.listen.0.ip().is_loopback() },
     });
     let admin_task = {
@@ -261,6 +270,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             prometheus_source::run(scrape_config, pipeline, scrape_metrics, drops, stop).await
         }));
     }
+    if let Some(store) = profiles {
+        let (profiling, node, stop) = (profiling.clone(), node_name.clone(), stop_sources.clone());
+        source_tasks.push(supervise("sources.pprof", &metrics, &readiness, async move {
+            profiling.continuous(store, node, stop).await;
+            Ok(())
+        }));
+    }
     if !config.sources.logs.is_empty() {
         let source = FileSource::build(&config.sources.logs, &config.data_dir, metrics.files())?;
         if config.exporters.loki.is_none() {
@@ -323,9 +339,6 @@ fn warn_unavailable(config: &Config) {
     let mut unavailable = Vec::new();
     if config.sources.prometheus.kubernetes_pods {
         unavailable.push("sources.prometheus.kubernetes_pods");
-    }
-    if config.sources.pprof.targets.iter().any(|t| !t.interval.is_zero()) {
-        unavailable.push("sources.pprof.targets[].interval (continuous profiling)");
     }
     if !unavailable.is_empty() {
         tracing::warn!(

@@ -24,6 +24,8 @@ pub struct AdminState {
     pub paths: Option<Paths>,
     /// `None` when profiling is not set up (tests of other routes).
     pub profiling: Option<Profiling>,
+    /// Profiles kept from continuous capture.
+    pub profiles: Option<std::sync::Arc<profiling::store::ProfileStore>>,
     pub access: Access,
 }
 
@@ -75,7 +77,41 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/paths", get(paths))
         .route("/api/v1/paths/tree", get(paths_tree))
         .route("/debug/pprof/profile", get(pprof_profile))
+        .route("/api/v1/profiles", get(profiles_list))
+        .route("/api/v1/profiles/{id}", get(profile_kept))
         .with_state(state)
+}
+
+async fn profiles_list(State(state): State<AdminState>) -> Response {
+    match state.profiles {
+        Some(store) => Json(store.list()).into_response(),
+        None => Json(Vec::<profiling::store::ProfileMeta>::new()).into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatQuery {
+    format: Option<String>,
+}
+
+async fn profile_kept(
+    State(state): State<AdminState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    query: Result<Query<FormatQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let format = match query.ok().and_then(|Query(q)| q.format).as_deref().map(profiling::Format::parse) {
+        None => profiling::Format::Pprof,
+        Some(Some(f)) => f,
+        Some(None) => return api_error(StatusCode::BAD_REQUEST, "format must be pprof, svg or folded"),
+    };
+    let Some(body) = state.profiles.as_ref().and_then(|s| s.read(&id)) else {
+        return api_error(StatusCode::NOT_FOUND, format!("no kept profile {id:?}; GET /api/v1/profiles lists them"));
+    };
+    match tokio::task::spawn_blocking(move || profiling::render_kept(&body, format, &id)).await {
+        Ok(Ok(rendered)) => ([(header::CONTENT_TYPE, rendered.format.content_type())], rendered.body).into_response(),
+        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering failed: {e}")),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,7 +268,7 @@ mod tests {
 
     #[tokio::test]
     async fn readyz_lists_components_until_all_have_started() {
-        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None, profiling: None, access: Access::default() };
+        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None, profiling: None, profiles: None, access: Access::default() };
         let grpc = state.readiness.register("sources.otlp.grpc");
         let router = router(state);
         assert_eq!(get(&router, "/healthz").await.0, StatusCode::OK);
@@ -250,6 +286,7 @@ mod tests {
             readiness: Readiness::default(),
             paths: None,
             profiling: None,
+            profiles: None,
             access: Access { token: token.into(), loopback },
         };
         let (status, body) = get(&router(state("", false)), "/debug/pprof/profile?seconds=1").await;
@@ -263,7 +300,7 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_are_exposed() {
-        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None, profiling: None, access: Access::default() };
+        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None, profiling: None, profiles: None, access: Access::default() };
         let router = router(state);
         let (status, body) = get(&router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);

@@ -7,6 +7,7 @@
 //! away. Access rules are the admin server's (see [`crate::admin`]).
 
 pub mod profile;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ use profile::{Profile, Stack};
 pub const MAX_SECONDS: u64 = 300;
 pub const MAX_FREQUENCY: u32 = 1000;
 pub const DEFAULT_FREQUENCY: u32 = 99;
+/// Bytes of profiles kept from continuous capture; the oldest go first.
+pub const KEPT_PROFILE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// What a profile is rendered as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +119,12 @@ impl Profiling {
 
     /// Pulls a profile of `seconds` from the target called `name`.
     pub async fn capture_target(&self, name: &str, seconds: u64, format: Format) -> Result<Rendered, ProfileError> {
+        let (profile, body) = self.pull(name, seconds).await?;
+        render(&profile, Some(body), format, name)
+    }
+
+    /// Pulls a profile and returns it decoded and as received.
+    async fn pull(&self, name: &str, seconds: u64) -> Result<(Profile, Vec<u8>), ProfileError> {
         let Some((target, lock)) = self.targets.get(name) else {
             let known: Vec<&str> = self.targets.keys().map(String::as_str).collect();
             return Err(ProfileError::UnknownTarget(format!("no pprof target {name:?}; configured: {known:?}")));
@@ -152,7 +161,72 @@ impl Profiling {
             let start: String = String::from_utf8_lossy(&body[..body.len().min(40)]).chars().filter(|c| !c.is_control()).collect();
             ProfileError::Upstream(format!("{name} did not return a CPU profile ({e}); it began with {start:?}"))
         })?;
-        render(&profile, Some(body.to_vec()), format, name)
+        Ok((profile, body.to_vec()))
+    }
+
+    /// Captures every target that has an `interval` into `store`, until `stop` fires.
+    pub async fn continuous(&self, store: Arc<store::ProfileStore>, node: String, stop: tokio_util::sync::CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (name, (target, _)) in self.targets.iter() {
+            if target.interval.is_zero() {
+                continue;
+            }
+            let (this, store, node, stop, name) = (self.clone(), store.clone(), node.clone(), stop.clone(), name.clone());
+            let (interval, seconds) = (target.interval, u64::from(target.seconds.clamp(1, MAX_SECONDS as u32)));
+            tasks.spawn(async move {
+                tracing::info!(target = %name, ?interval, seconds, "capturing profiles continuously");
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = ticker.tick() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    let started = SystemTime::now();
+                    let pulled = tokio::select! {
+                        pulled = this.pull(&name, seconds) => pulled,
+                        _ = stop.cancelled() => return,
+                    };
+                    match pulled {
+                        Ok((profile, body)) => {
+                            let start_ms = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+                            let meta = store::ProfileMeta {
+                                id: format!("{start_ms:020}-{}", sanitize(&name)),
+                                target: name.clone(),
+                                node: node.clone(),
+                                service: name.clone(),
+                                start: humantime::format_rfc3339_millis(started).to_string(),
+                                duration_seconds: seconds,
+                                samples: profile.sample.iter().map(|s| s.value.first().copied().unwrap_or(0).max(0) as u64).sum(),
+                                size: body.len() as u64,
+                            };
+                            if let Err(e) = store.save(meta, &body) {
+                                tracing::warn!(target = %name, error = %e, "cannot keep a profile");
+                            }
+                        }
+                        Err(e) => tracing::warn!(target = %name, error = %e, "continuous profile failed"),
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// Renders a kept profile.
+pub fn render_kept(body: &[u8], format: Format, title: &str) -> Result<Rendered, ProfileError> {
+    let profile = profile::decode(body).map_err(ProfileError::Failed)?;
+    render(&profile, Some(body.to_vec()), format, title)
+}
+
+impl Profiling {
+    /// The configured targets' names.
+    pub fn target_names(&self) -> Vec<String> {
+        self.targets.keys().cloned().collect()
     }
 }
 
