@@ -39,8 +39,8 @@ pub fn periscope_bin() -> PathBuf {
     path
 }
 
-/// The usual config of a test: every listener on a free loopback port, host metrics and
-/// execution paths off, and optionally the Jaeger exporter.
+/// The usual config of a test: every listener on a free loopback port, host metrics off,
+/// and optionally execution paths, the Jaeger exporter and the Prometheus pull exporter.
 #[derive(Debug, Clone)]
 pub struct TestConfig {
     pub node_name: String,
@@ -53,6 +53,18 @@ pub struct TestConfig {
     pub otlp_tls: Option<String>,
     /// The body of `exporters.jaeger`, one `key: value` per line, without indentation.
     pub jaeger: Option<String>,
+    /// The `paths` section; `None` writes `paths: { enabled: false }`.
+    pub paths: Option<PathsSettings>,
+    /// The port of `exporters.prometheus.listen`, when that exporter is on.
+    pub prometheus_port: Option<u16>,
+}
+
+/// `paths` with analysis on. Bounds left `None` keep the agent's defaults.
+#[derive(Debug, Clone)]
+pub struct PathsSettings {
+    pub trace_timeout: String,
+    pub max_traces_in_flight: Option<usize>,
+    pub max_handlers: Option<usize>,
 }
 
 impl Default for TestConfig {
@@ -66,6 +78,8 @@ impl Default for TestConfig {
             max_request_size: None,
             otlp_tls: None,
             jaeger: None,
+            paths: None,
+            prometheus_port: None,
         }
     }
 }
@@ -89,6 +103,36 @@ impl TestConfig {
     pub fn otlp_tls(mut self, tls: impl Into<String>) -> Self {
         self.otlp_tls = Some(tls.into());
         self
+    }
+
+    /// Turns execution paths on: a trace is analysed once it has been quiet for `trace_timeout`.
+    pub fn paths(mut self, trace_timeout: &str) -> Self {
+        self.paths = Some(PathsSettings {
+            trace_timeout: trace_timeout.to_owned(),
+            max_traces_in_flight: None,
+            max_handlers: None,
+        });
+        self
+    }
+
+    /// Sets `paths.max_traces_in_flight` and `paths.max_handlers` (after [`TestConfig::paths`]).
+    pub fn paths_bounds(mut self, max_traces_in_flight: usize, max_handlers: usize) -> Self {
+        let paths = self.paths.as_mut().expect("call TestConfig::paths before paths_bounds");
+        paths.max_traces_in_flight = Some(max_traces_in_flight);
+        paths.max_handlers = Some(max_handlers);
+        self
+    }
+
+    /// Turns the Prometheus pull exporter on, on a free port.
+    pub fn prometheus_exporter(mut self) -> Self {
+        self.prometheus_port = Some(free_port());
+        self
+    }
+
+    /// The URL Prometheus scrapes: `GET /metrics` on `exporters.prometheus.listen`.
+    pub fn prometheus_url(&self) -> String {
+        let port = self.prometheus_port.expect("the Prometheus exporter is off: call TestConfig::prometheus_exporter");
+        format!("http://127.0.0.1:{port}/metrics")
     }
 
     /// Where an OTLP/gRPC client reaches the agent.
@@ -119,18 +163,35 @@ impl TestConfig {
             let _ = writeln!(yaml, "    tls: {tls}");
         }
         let _ = writeln!(yaml, "  host_metrics: {{ enabled: false }}");
-        let _ = writeln!(yaml, "paths: {{ enabled: false }}");
-        match &self.jaeger {
-            Some(body) => {
-                let _ = writeln!(yaml, "exporters:");
-                let _ = writeln!(yaml, "  jaeger:");
-                for line in body.lines().filter(|line| !line.trim().is_empty()) {
-                    let _ = writeln!(yaml, "    {}", line.trim());
+        match &self.paths {
+            Some(paths) => {
+                let _ = writeln!(yaml, "paths:");
+                let _ = writeln!(yaml, "  enabled: true");
+                let _ = writeln!(yaml, "  trace_timeout: {}", paths.trace_timeout);
+                if let Some(max) = paths.max_traces_in_flight {
+                    let _ = writeln!(yaml, "  max_traces_in_flight: {max}");
+                }
+                if let Some(max) = paths.max_handlers {
+                    let _ = writeln!(yaml, "  max_handlers: {max}");
                 }
             }
             None => {
-                let _ = writeln!(yaml, "exporters: {{}}");
+                let _ = writeln!(yaml, "paths: {{ enabled: false }}");
             }
+        }
+        if self.jaeger.is_none() && self.prometheus_port.is_none() {
+            let _ = writeln!(yaml, "exporters: {{}}");
+            return yaml;
+        }
+        let _ = writeln!(yaml, "exporters:");
+        if let Some(body) = &self.jaeger {
+            let _ = writeln!(yaml, "  jaeger:");
+            for line in body.lines().filter(|line| !line.trim().is_empty()) {
+                let _ = writeln!(yaml, "    {}", line.trim());
+            }
+        }
+        if let Some(port) = self.prometheus_port {
+            let _ = writeln!(yaml, "  prometheus: {{ listen: 127.0.0.1:{port} }}");
         }
         yaml
     }

@@ -25,7 +25,7 @@ pub mod prometheus;
 pub mod spans;
 pub mod tls;
 
-pub use agent::{periscope_bin, run_to_exit, Agent, Exited, TestConfig};
+pub use agent::{periscope_bin, run_to_exit, Agent, Exited, PathsSettings, TestConfig};
 pub use collector::{Collector, Received, Reply, Script};
 pub use prometheus::Metrics;
 pub use spans::FlatSpan;

@@ -30,6 +30,18 @@ impl Metrics {
         Metrics { text: text.to_owned(), samples }
     }
 
+    /// Scrapes `url` as Prometheus would (text format) and parses the answer; any status
+    /// but 200 fails the test.
+    pub async fn scrape(url: &str) -> Metrics {
+        crate::tls::install_crypto_provider();
+        let client = reqwest::Client::builder().build().expect("cannot build an HTTP client");
+        let response = client.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        assert_eq!(status, reqwest::StatusCode::OK, "GET {url} answered {status}: {body}");
+        Metrics::parse(&body)
+    }
+
     /// The exposition as received, for failure messages.
     pub fn text(&self) -> &str {
         &self.text
