@@ -861,6 +861,17 @@ impl Config {
                 }
             }
         }
+        if self.paths.enabled {
+            if self.paths.trace_timeout.is_zero() {
+                err("paths.trace_timeout", "must be greater than 0".into());
+            }
+            if self.paths.max_traces_in_flight == 0 {
+                err("paths.max_traces_in_flight", "must be greater than 0".into());
+            }
+            if self.paths.max_handlers == 0 {
+                err("paths.max_handlers", "must be greater than 0".into());
+            }
+        }
         if let Some(rw) = &self.exporters.prometheus_remote_write {
             if let Err(e) = check_http_url(&rw.url) {
                 err("exporters.prometheus_remote_write.url", e);

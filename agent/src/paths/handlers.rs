@@ -355,9 +355,16 @@ impl Handler {
     }
 }
 
-/// A frame of collapsed-stack text: `;` separates frames, so it cannot be part of a name.
+/// A frame of collapsed-stack text: `;` separates frames and a line is one stack, so neither
+/// can be part of a name.
 fn frame(name: &str) -> String {
-    name.replace(';', ":")
+    name.chars()
+        .map(|c| match c {
+            ';' => ':',
+            '\n' | '\r' => ' ',
+            c => c,
+        })
+        .collect()
 }
 
 fn ratio(part: u64, whole: u64) -> f64 {

@@ -90,7 +90,6 @@ pub enum BuildError {
 struct InFlight {
     token: u64,
     end: u64,
-    bytes: u64,
     done: bool,
 }
 
@@ -108,6 +107,9 @@ struct Tailed {
     in_flight: VecDeque<InFlight>,
     /// Its path now names another file, or nothing: read to the end, then release.
     rotated: bool,
+    /// A rotated file read to its end: kept open until what was sent from it is acknowledged,
+    /// so that it can be read again if that fails.
+    done_reading: bool,
     resource: Arc<Resource>,
     path_attribute: KeyValue,
 }
@@ -125,8 +127,6 @@ pub struct FileSource {
     files: HashMap<FileKey, Tailed>,
     tokens: HashMap<u64, FileKey>,
     next_token: u64,
-    /// Bytes sent and not yet acknowledged (or given up on).
-    unacked: u64,
     acker: Acker,
     acks: AckReceiver,
     metrics: FileMetrics,
@@ -172,7 +172,6 @@ impl FileSource {
             files: HashMap::new(),
             tokens: HashMap::new(),
             next_token: 0,
-            unacked: 0,
             acker,
             acks,
             metrics,
@@ -193,7 +192,7 @@ impl FileSource {
             let mut busy = false;
             let keys: Vec<FileKey> = self.files.keys().copied().collect();
             for key in keys {
-                if stop.is_cancelled() || self.unacked >= MAX_UNACKED_BYTES {
+                if stop.is_cancelled() || self.read_ahead() >= MAX_UNACKED_BYTES {
                     break;
                 }
                 if let Some(p) = &pipeline {
@@ -226,6 +225,12 @@ impl FileSource {
             self.take_acks();
         }
         self.save();
+    }
+
+    /// Bytes read from all files beyond what is delivered: what a crash would make the source
+    /// read (and send) again.
+    fn read_ahead(&self) -> u64 {
+        self.files.values().map(|t| t.reader.read_offset().saturating_sub(t.acked)).sum()
     }
 
     /// Expands every group's globs; follows new files and notices rotated ones.
@@ -296,12 +301,16 @@ impl FileSource {
                 return;
             }
         };
-        let resumed = self.checkpoints.get(key).cloned().filter(|c| {
+        let known = self.checkpoints.get(key).cloned();
+        let resumed = known.clone().filter(|c| {
             Head::read(&mut file, Some(c.head.len)).is_ok_and(|h| h == c.head) && c.offset <= size
         });
         let group = &self.groups[gi];
         let offset = match (&resumed, group.start_at) {
             (Some(c), _) => c.offset,
+            // The inode has a checkpoint but other content: it was truncated or re-used while
+            // the agent was away, so all of it is new.
+            (None, _) if known.is_some() => 0,
             (None, StartAt::End) if self.first_scan => size,
             (None, _) => 0,
         };
@@ -319,6 +328,7 @@ impl FileSource {
             acked: offset,
             in_flight: VecDeque::new(),
             rotated: false,
+            done_reading: false,
             resource,
         };
         self.checkpoints.set(Checkpoint { key, head: tailed.head, offset, path: tailed.path.clone() });
@@ -334,6 +344,9 @@ impl FileSource {
         stop: &CancellationToken,
     ) -> Result<bool, SendError> {
         let Some(tailed) = self.files.get_mut(&key) else { return Ok(false) };
+        if tailed.done_reading {
+            return Ok(false);
+        }
         let Some(file) = tailed.file.as_mut() else { return Ok(false) };
         let now = Instant::now();
         let mut lines: Vec<Line> = Vec::new();
@@ -355,8 +368,10 @@ impl FileSource {
                 tailed.reader.reset(0);
                 tailed.joiner.reset();
                 tailed.acked = 0;
-                let released: u64 = tailed.in_flight.drain(..).filter(|f| !f.done).map(|f| f.bytes).sum();
-                self.unacked = self.unacked.saturating_sub(released);
+                tailed.in_flight.clear();
+                if let Ok(head) = Head::read(file, None) {
+                    tailed.head = head;
+                }
                 return Ok(true);
             }
             if tailed.rotated {
@@ -367,15 +382,24 @@ impl FileSource {
                     tailed.joiner.push(line, now, &mut entries);
                 }
                 tailed.joiner.flush_all(&mut entries);
-                // Everything is read: release the file.
-                tailed.file = None;
-                tracing::info!(path = %tailed.path.display(), "finished a rotated or deleted log file");
+                // Everything is read; the file is released once it is all acknowledged.
+                tailed.done_reading = true;
+                tracing::info!(path = %tailed.path.display(), "read a rotated or deleted log file to its end");
             }
         }
         for line in lines {
             tailed.joiner.push(line, now, &mut entries);
         }
         tailed.joiner.flush_due(now, &mut entries);
+        self.metrics.truncated.inc_by(entries.iter().filter(|e| e.cut).count() as u64);
+        // Until a file has HEAD_BYTES, its identity is checked on what it had; keep it current.
+        if tailed.head.len < checkpoint::HEAD_BYTES && tailed.reader.read_offset() > tailed.head.len {
+            if let Some(file) = tailed.file.as_mut() {
+                if let Ok(head) = Head::read(file, None) {
+                    tailed.head = head;
+                }
+            }
+        }
         let got = read.bytes > 0;
         self.send(key, entries, pipeline, runtime, stop)?;
         Ok(got)
@@ -397,9 +421,11 @@ impl FileSource {
             let chunk: Vec<Entry> = entries.by_ref().take(MAX_ENTRIES_PER_SEND).collect();
             let Some(tailed) = self.files.get_mut(&key) else { return Ok(()) };
             let group = &self.groups[tailed.group];
-            let end = chunk.last().map_or(0, |e| e.end);
+            // Delivered at most up to the first line still held back (a partial line of the
+            // other stream, an unfinished multiline entry).
+            let held = tailed.joiner.held_from().unwrap_or(u64::MAX);
+            let end = chunk.last().map_or(0, |e| e.end).min(held);
             let count = chunk.len() as u64;
-            let bytes: u64 = chunk.iter().map(|e| e.message.len() as u64 + 1).sum();
             let records: Vec<LogRecord> = chunk.into_iter().map(|e| record(e, group.format, &tailed.path_attribute)).collect();
             let payload = Logs {
                 resource_logs: vec![ResourceLogs {
@@ -410,9 +436,8 @@ impl FileSource {
             };
             let token = self.next_token;
             self.next_token += 1;
-            tailed.in_flight.push_back(InFlight { token, end, bytes, done: false });
+            tailed.in_flight.push_back(InFlight { token, end, done: false });
             self.tokens.insert(token, key);
-            self.unacked += bytes;
             let ack = self.acker.ack(token);
             let result = runtime.block_on(async {
                 tokio::select! {
@@ -442,7 +467,7 @@ impl FileSource {
         for tailed in self.files.values_mut() {
             while tailed.in_flight.front().is_some_and(|f| f.done) {
                 if let Some(f) = tailed.in_flight.pop_front() {
-                    tailed.acked = f.end;
+                    tailed.acked = tailed.acked.max(f.end);
                 }
             }
             self.checkpoints.set(Checkpoint {
@@ -466,7 +491,6 @@ impl FileSource {
         if let Some(tailed) = self.files.get_mut(&key) {
             if let Some(f) = tailed.in_flight.iter_mut().find(|f| f.token == acked.token) {
                 f.done = true;
-                self.unacked = self.unacked.saturating_sub(f.bytes);
             }
         }
     }
@@ -476,21 +500,11 @@ impl FileSource {
         let Some(tailed) = self.files.get_mut(&key) else { return };
         for f in tailed.in_flight.drain(..) {
             self.tokens.remove(&f.token);
-            if !f.done {
-                self.unacked = self.unacked.saturating_sub(f.bytes);
-            }
         }
         tailed.reader.reset(tailed.acked);
         tailed.joiner.reset();
-        if tailed.file.is_none() {
-            // A rotated file already let go of: open it again under its last path if it is
-            // still the same file; otherwise what is left of it is gone.
-            if let Ok(file) = File::open(&tailed.path) {
-                if file.metadata().is_ok_and(|m| m.ino() == key.ino && m.dev() == key.dev) {
-                    tailed.file = Some(file);
-                }
-            }
-        }
+        // A rotated file is still open: read it again from the checkpoint.
+        tailed.done_reading = false;
     }
 
     /// Forgets files that were read to the end and fully acknowledged.
@@ -498,7 +512,7 @@ impl FileSource {
         let done: Vec<FileKey> = self
             .files
             .values()
-            .filter(|t| t.file.is_none() && t.in_flight.is_empty())
+            .filter(|t| (t.done_reading || t.file.is_none()) && t.in_flight.is_empty())
             .map(|t| t.key)
             .collect();
         for key in done {

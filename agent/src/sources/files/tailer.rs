@@ -16,6 +16,8 @@ use crate::config::LogFormatKind;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Line {
     pub text: String,
+    /// The offset of its first byte.
+    pub start: u64,
     pub end: u64,
 }
 
@@ -74,7 +76,7 @@ impl LineReader {
                 self.skipping = false;
             } else {
                 self.buf.extend_from_slice(piece);
-                out.push(Line { text: text(&self.buf), end });
+                out.push(Line { text: text(&self.buf), start: self.buf_start, end });
             }
             self.buf.clear();
             self.buf_start = end;
@@ -87,11 +89,16 @@ impl LineReader {
                 self.buf_start += (n - start) as u64;
             }
         }
-        // A line longer than the limit is cut there; the rest of it is skipped.
+        // A line longer than the limit is cut there (at a character boundary); the rest of it
+        // is skipped.
         if !self.skipping && self.buf.len() > self.max_line {
             let end = self.read_offset();
-            self.buf.truncate(self.max_line);
-            out.push(Line { text: text(&self.buf), end });
+            let mut cut = self.max_line;
+            while cut > 0 && (self.buf[cut] & 0xC0) == 0x80 {
+                cut -= 1;
+            }
+            self.buf.truncate(cut);
+            out.push(Line { text: text(&self.buf), start: self.buf_start, end });
             self.buf.clear();
             self.buf_start = end;
             self.skipping = true;
@@ -117,7 +124,7 @@ impl LineReader {
             return None;
         }
         let end = self.read_offset();
-        let line = Line { text: text(&self.buf), end };
+        let line = Line { text: text(&self.buf), start: self.buf_start, end };
         self.buf.clear();
         self.buf_start = end;
         Some(line)
@@ -136,8 +143,12 @@ pub struct Entry {
     pub message: String,
     pub time: Option<u64>,
     pub stream: Option<&'static str>,
+    /// The offset of its first line.
+    pub start: u64,
     /// The offset just past the entry's last line.
     pub end: u64,
+    /// Part of it was cut to stay within the maximum size.
+    pub cut: bool,
 }
 
 struct Pending {
@@ -153,43 +164,62 @@ pub struct Joiner {
     max_lines: usize,
     timeout: Duration,
     max_bytes: usize,
-    /// Pieces of a line the runtime split (CRI `P`, Docker without newline).
-    partial: Option<Entry>,
+    /// Pieces of a line the runtime split (CRI `P`, Docker without newline), per stream:
+    /// stdout, stderr, unnamed.
+    partial: [Option<Entry>; 3],
     pending: Option<Pending>,
+}
+
+fn stream_slot(stream: Option<&'static str>) -> usize {
+    match stream {
+        Some("stdout") => 0,
+        Some("stderr") => 1,
+        _ => 2,
+    }
 }
 
 impl Joiner {
     pub fn new(format: LogFormatKind, start_pattern: Option<Regex>, max_lines: usize, timeout: Duration, max_bytes: usize) -> Self {
-        Joiner { format, start_pattern, max_lines: max_lines.max(1), timeout, max_bytes, partial: None, pending: None }
+        Joiner {
+            format,
+            start_pattern,
+            max_lines: max_lines.max(1),
+            timeout,
+            max_bytes,
+            partial: [None, None, None],
+            pending: None,
+        }
     }
 
     /// Forgets everything held (the file is read again from an earlier offset).
     pub fn reset(&mut self) {
-        self.partial = None;
+        self.partial = [None, None, None];
         self.pending = None;
     }
 
-    /// The offset before which every line has become part of an emitted entry.
+    /// Where the earliest line still held (not yet part of an emitted entry) starts: the
+    /// file is delivered at most up to here.
     pub fn held_from(&self) -> Option<u64> {
-        None.or(self.partial.as_ref().map(|p| p.end)).or(self.pending.as_ref().map(|p| p.entry.end))
+        self.partial.iter().flatten().map(|p| p.start).chain(self.pending.as_ref().map(|p| p.entry.start)).min()
     }
 
     pub fn push(&mut self, line: Line, now: Instant, out: &mut Vec<Entry>) {
         let Unwrapped { message, time, stream, partial } = parse::unwrap(self.format, &line.text);
-        let piece = Entry { message, time, stream, end: line.end };
+        let piece = Entry { message, time, stream, start: line.start, end: line.end, cut: false };
+        let slot = stream_slot(stream);
         if partial {
-            match &mut self.partial {
+            match &mut self.partial[slot] {
                 Some(held) => {
-                    append(&mut held.message, &piece.message, "", self.max_bytes);
+                    held.cut |= append(&mut held.message, &piece.message, "", self.max_bytes);
                     held.end = piece.end;
                 }
-                None => self.partial = Some(piece),
+                None => self.partial[slot] = Some(piece),
             }
             return;
         }
-        let whole = match self.partial.take() {
+        let whole = match self.partial[slot].take() {
             Some(mut held) => {
-                append(&mut held.message, &piece.message, "", self.max_bytes);
+                held.cut |= append(&mut held.message, &piece.message, "", self.max_bytes);
                 held.end = piece.end;
                 held
             }
@@ -206,7 +236,7 @@ impl Joiner {
         let starts = pattern.is_match(&entry.message);
         match &mut self.pending {
             Some(pending) if !starts => {
-                append(&mut pending.entry.message, &entry.message, "\n", self.max_bytes);
+                pending.entry.cut |= append(&mut pending.entry.message, &entry.message, "\n", self.max_bytes);
                 pending.entry.end = entry.end;
                 pending.lines += 1;
                 pending.since = now;
@@ -240,7 +270,9 @@ impl Joiner {
 
     /// Emits everything held (the file ended for good).
     pub fn flush_all(&mut self, out: &mut Vec<Entry>) {
-        if let Some(partial) = self.partial.take() {
+        let mut partials: Vec<Entry> = self.partial.iter_mut().filter_map(Option::take).collect();
+        partials.sort_by_key(|p| p.start);
+        for partial in partials {
             self.group(partial, Instant::now(), out);
         }
         if let Some(done) = self.pending.take() {
@@ -249,9 +281,10 @@ impl Joiner {
     }
 }
 
-fn append(message: &mut String, more: &str, separator: &str, max_bytes: usize) {
+/// Appends `more` after `separator` within `max_bytes`; returns whether anything was left out.
+fn append(message: &mut String, more: &str, separator: &str, max_bytes: usize) -> bool {
     if message.len() >= max_bytes {
-        return;
+        return !(more.is_empty() && separator.is_empty());
     }
     message.push_str(separator);
     message.push_str(more);
@@ -261,7 +294,9 @@ fn append(message: &mut String, more: &str, separator: &str, max_bytes: usize) {
             cut -= 1;
         }
         message.truncate(cut);
+        return true;
     }
+    false
 }
 
 #[cfg(test)]
@@ -287,10 +322,10 @@ mod tests {
         let (path, mut file) = temp_file("offsets", b"one\r\ntwo\nthr");
         let mut reader = LineReader::new(0, 1024);
         let got = lines(&mut reader, &mut file);
-        assert_eq!(got, vec![Line { text: "one".into(), end: 5 }, Line { text: "two".into(), end: 9 }]);
+        assert_eq!(got, vec![Line { text: "one".into(), start: 0, end: 5 }, Line { text: "two".into(), start: 5, end: 9 }]);
         assert_eq!(reader.read_offset(), 12);
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"ee\n").unwrap();
-        assert_eq!(lines(&mut reader, &mut file), vec![Line { text: "three".into(), end: 15 }]);
+        assert_eq!(lines(&mut reader, &mut file), vec![Line { text: "three".into(), start: 9, end: 15 }]);
         std::fs::remove_file(path).unwrap();
     }
 
@@ -304,7 +339,7 @@ mod tests {
         let mut out = Vec::new();
         let read = reader.read(&mut file, &mut out).unwrap();
         assert_eq!(read.truncated, 1);
-        assert_eq!(out[0], Line { text: "a".repeat(10), end: 101 });
+        assert_eq!(out[0], Line { text: "a".repeat(10), start: 0, end: 101 });
         assert_eq!(out[1].text, "ok \u{fffd}\u{fffd}");
         std::fs::remove_file(path).unwrap();
     }
@@ -318,7 +353,7 @@ mod tests {
         let got = lines(&mut reader, &mut file);
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].text.len(), 1000);
-        assert_eq!(got[1], Line { text: "next".into(), end: content.len() as u64 });
+        assert_eq!(got[1], Line { text: "next".into(), start: content.len() as u64 - 5, end: content.len() as u64 });
         std::fs::remove_file(path).unwrap();
     }
 
@@ -329,7 +364,7 @@ mod tests {
     fn push_all(joiner: &mut Joiner, texts: &[&str]) -> Vec<Entry> {
         let mut out = Vec::new();
         for (i, text) in texts.iter().enumerate() {
-            joiner.push(Line { text: (*text).into(), end: (i as u64 + 1) * 100 }, Instant::now(), &mut out);
+            joiner.push(Line { text: (*text).into(), start: i as u64 * 100, end: (i as u64 + 1) * 100 }, Instant::now(), &mut out);
         }
         out
     }
@@ -369,10 +404,56 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].message, "2024-01-01 ERROR boom\njava.lang.IllegalStateException: x\n\tat a.b(C.java:1)");
         assert_eq!(out[0].end, 300);
-        assert_eq!(j.held_from(), Some(400), "the last entry waits for more lines");
+        assert_eq!(j.held_from(), Some(300), "the last entry waits for more lines");
         j.flush_due(Instant::now() + Duration::from_secs(2), &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(j.held_from(), None);
+    }
+
+    #[test]
+    fn partial_lines_are_joined_per_stream() {
+        let mut j = joiner(LogFormatKind::Cri, None);
+        let out = push_all(
+            &mut j,
+            &[
+                "2024-01-01T00:00:00.000000001Z stdout P a long line, ",
+                "2024-01-01T00:00:00.000000002Z stderr F a warning",
+                "2024-01-01T00:00:00.000000003Z stdout F continued",
+            ],
+        );
+        let got: Vec<(&str, Option<&str>, u64)> = out.iter().map(|e| (e.message.as_str(), e.stream, e.start)).collect();
+        assert_eq!(got, [("a warning", Some("stderr"), 100), ("a long line, continued", Some("stdout"), 0)]);
+    }
+
+    #[test]
+    fn a_cut_inside_a_multibyte_character_is_at_a_boundary_and_counted_once() {
+        let mut content = "€".repeat(1000).into_bytes();
+        content.push(b'\n');
+        let (path, mut file) = temp_file("euro", &content);
+        let mut reader = LineReader::new(0, 100);
+        let mut out = Vec::new();
+        let mut truncated = 0;
+        loop {
+            let read = reader.read(&mut file, &mut out).unwrap();
+            truncated += read.truncated;
+            if read.bytes == 0 {
+                break;
+            }
+        }
+        assert_eq!(truncated, 1);
+        assert_eq!(out[0].text, "€".repeat(33));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn joined_entries_cut_at_the_limit_are_counted() {
+        let mut j = Joiner::new(LogFormatKind::Cri, None, 500, Duration::from_secs(1), 10);
+        let out = push_all(
+            &mut j,
+            &["2024-01-01T00:00:00.000000001Z stdout P 123456", "2024-01-01T00:00:00.000000002Z stdout F 789abc"],
+        );
+        assert_eq!(out[0].message, "123456789a");
+        assert!(out[0].cut);
     }
 
     #[test]
