@@ -542,7 +542,12 @@ impl Default for RemoteWriteConfig {
             shards: 4,
             batch: RemoteWriteBatchConfig::default(),
             wal: WalConfig::default(),
-            retry: RetryConfig { initial_interval: Duration::from_millis(500), max_interval: Duration::from_secs(30), ..RetryConfig::default() },
+            retry: RetryConfig {
+                initial_interval: Duration::from_millis(500),
+                max_interval: Duration::from_secs(30),
+                max_elapsed_time: Duration::from_secs(2 * 3600),
+                ..RetryConfig::default()
+            },
             timeout: Duration::from_secs(30),
             tls: None,
         }

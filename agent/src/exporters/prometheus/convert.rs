@@ -267,6 +267,60 @@ fn exponential_to_classic(scale: i32, zero_count: u64, positive: Option<&Buckets
     (bounds, counts)
 }
 
+/// A delta added to a cumulative value. Histograms whose bounds differ (exponential
+/// histograms exported at different ranges) are merged over the union of their bounds: a
+/// bucket keeps its upper bound, so cumulative counts stay exact at every bound either had.
+pub fn add(old: &Value, new: Value) -> Value {
+    match (old, new) {
+        (Value::Number(a), Value::Number(b)) => Value::Number(a + b),
+        (
+            Value::Histogram { bounds, counts, sum, count },
+            Value::Histogram { bounds: new_bounds, counts: new_counts, sum: new_sum, count: new_count },
+        ) => {
+            if *bounds == new_bounds && counts.len() == new_counts.len() {
+                return Value::Histogram {
+                    counts: counts.iter().zip(&new_counts).map(|(a, b)| a + b).collect(),
+                    bounds: new_bounds,
+                    sum: sum + new_sum,
+                    count: count + new_count,
+                };
+            }
+            let mut merged: Vec<(f64, u64)> = Vec::with_capacity(bounds.len() + new_bounds.len() + 1);
+            let mut push = |bounds: &[f64], counts: &[u64]| {
+                for (i, c) in counts.iter().enumerate() {
+                    merged.push((bounds.get(i).copied().unwrap_or(f64::INFINITY), *c));
+                }
+            };
+            push(bounds, counts);
+            push(&new_bounds, &new_counts);
+            merged.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let mut out_bounds = Vec::new();
+            let mut out_counts: Vec<u64> = Vec::new();
+            for (bound, c) in merged {
+                match out_bounds.last() {
+                    Some(last) if *last == bound => {
+                        if let Some(total) = out_counts.last_mut() {
+                            *total += c;
+                        }
+                    }
+                    _ => {
+                        out_bounds.push(bound);
+                        out_counts.push(c);
+                    }
+                }
+            }
+            // The +Inf bucket has no bound of its own.
+            if out_bounds.last().is_some_and(|b| b.is_infinite()) {
+                out_bounds.pop();
+            } else {
+                out_counts.push(0);
+            }
+            Value::Histogram { bounds: out_bounds, counts: out_counts, sum: sum + new_sum, count: count + new_count }
+        }
+        (_, new) => new,
+    }
+}
+
 /// The Prometheus samples of a point: (metric name, labels, value).
 pub fn samples(name: &str, point: &Point) -> Vec<(String, Labels, f64)> {
     match &point.value {
@@ -296,6 +350,21 @@ pub fn samples(name: &str, point: &Point) -> Vec<(String, Labels, f64)> {
             out.push((format!("{name}_count"), point.labels.clone(), *count as f64));
             out
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_with_different_bounds_add_up_over_their_union() {
+        let a = Value::Histogram { bounds: vec![0.0, 1.0, 2.0], counts: vec![0, 1, 0, 0], sum: 1.0, count: 1 };
+        let b = Value::Histogram { bounds: vec![0.0, 4.0, 8.0], counts: vec![0, 0, 1, 0], sum: 6.0, count: 1 };
+        let Value::Histogram { bounds, counts, sum, count } = add(&a, b) else { panic!("not a histogram") };
+        assert_eq!(bounds, vec![0.0, 1.0, 2.0, 4.0, 8.0]);
+        assert_eq!(counts, vec![0, 1, 0, 0, 1, 0]);
+        assert_eq!((sum, count), (7.0, 2));
     }
 }
 

@@ -113,7 +113,7 @@ impl Store {
             }
             match family.series.get_mut(&point.labels) {
                 Some(series) => {
-                    series.value = if point.delta { accumulate(&series.value, point.value) } else { point.value };
+                    series.value = if point.delta { convert::add(&series.value, point.value) } else { point.value };
                     series.updated = now;
                     keep_exemplars(&mut series.exemplars, point.exemplars);
                 }
@@ -147,21 +147,6 @@ impl Store {
     }
 }
 
-fn accumulate(old: &Value, new: Value) -> Value {
-    match (old, new) {
-        (Value::Number(a), Value::Number(b)) => Value::Number(a + b),
-        (
-            Value::Histogram { bounds, counts, sum, count },
-            Value::Histogram { bounds: new_bounds, counts: new_counts, sum: new_sum, count: new_count },
-        ) if *bounds == new_bounds && counts.len() == new_counts.len() => Value::Histogram {
-            bounds: new_bounds,
-            counts: counts.iter().zip(&new_counts).map(|(a, b)| a + b).collect(),
-            sum: sum + new_sum,
-            count: count + new_count,
-        },
-        (_, new) => new,
-    }
-}
 
 
 impl Collect for Store {

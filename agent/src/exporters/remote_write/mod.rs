@@ -106,19 +106,7 @@ impl Deltas {
         let room = self.totals.len() < MAX_DELTA_SERIES;
         match self.totals.get_mut(&key) {
             Some(total) => {
-                *total = match (&*total, &point.value) {
-                    (Value::Number(a), Value::Number(b)) => Value::Number(a + b),
-                    (
-                        Value::Histogram { bounds, counts, sum, count },
-                        Value::Histogram { bounds: nb, counts: nc, sum: ns, count: ncount },
-                    ) if bounds == nb && counts.len() == nc.len() => Value::Histogram {
-                        bounds: bounds.clone(),
-                        counts: counts.iter().zip(nc).map(|(a, b)| a + b).collect(),
-                        sum: sum + ns,
-                        count: count + ncount,
-                    },
-                    (_, new) => new.clone(),
-                };
+                *total = convert::add(total, point.value.clone());
                 point.value = total.clone();
             }
             None if room => {
@@ -296,6 +284,7 @@ impl RemoteWrite {
             .without_max_times()
             .build();
         let mut attempt = 0;
+        let started = std::time::Instant::now();
         loop {
             attempt += 1;
             let sent = self.client.post(&self.url).headers(self.headers.clone()).timeout(self.config.timeout).body(body.clone());
@@ -332,6 +321,11 @@ impl RemoteWrite {
                 }
             };
             let delay = after.unwrap_or_else(|| backoff.next().unwrap_or(retry.max_interval));
+            if !retry.enabled || started.elapsed() + delay > retry.max_elapsed_time {
+                metrics.dropped("retries_exhausted", samples);
+                tracing::error!(component = "prometheus_remote_write", samples, attempts = attempt, error = %reason, "remote write failed; giving up on the batch");
+                return true;
+            }
             metrics.retried.inc_by(samples);
             if attempt == 1 {
                 tracing::warn!(component = "prometheus_remote_write", samples, error = %reason, retry_in = ?delay, "remote write failed; retrying (the samples wait in the log)");

@@ -74,6 +74,15 @@ pub struct Scraped {
 /// Attributes of a series, sorted by name.
 type Attributes = Vec<(String, String)>;
 
+/// What a series looked like when last sent, so that its staleness marker covers every
+/// sample it had (each bucket, each quantile).
+#[derive(Clone, Debug, PartialEq)]
+enum Shape {
+    Number,
+    Histogram(Vec<f64>),
+    Summary(Vec<f64>),
+}
+
 /// A series as sent: metric name and sorted attributes.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct SeriesId {
@@ -88,7 +97,7 @@ pub struct Target {
     labels: Vec<(String, String)>,
     client: reqwest::Client,
     timeout: Duration,
-    previous: HashMap<u64, SeriesId, RandomState>,
+    previous: HashMap<u64, (SeriesId, Shape), RandomState>,
     hasher: RandomState,
 }
 
@@ -219,13 +228,14 @@ impl Target {
         builder.gauge("scrape_samples_scraped", &target, samples as f64, Kind::Gauge);
 
         // Staleness: what was there last time and is not now.
-        let mut current: HashMap<u64, SeriesId, RandomState> = HashMap::with_capacity_and_hasher(builder.ids.len(), RandomState::new());
-        for id in builder.ids.drain(..) {
-            current.insert(self.hash(&id), id);
+        let mut current: HashMap<u64, (SeriesId, Shape), RandomState> =
+            HashMap::with_capacity_and_hasher(builder.ids.len(), RandomState::new());
+        for (id, shape) in builder.ids.drain(..) {
+            current.insert(self.hash(&id), (id, shape));
         }
-        for (hash, id) in &self.previous {
+        for (hash, (id, shape)) in &self.previous {
             if !current.contains_key(hash) {
-                builder.stale(id);
+                builder.stale(id, shape);
             }
         }
         self.previous = current;
@@ -364,7 +374,7 @@ impl Target {
                         let id = SeriesId { metric: s.name.to_owned(), attributes: self.attributes(exposition, s.labels.clone(), None) };
                         if admit(self, &id) {
                             let exemplar = s.exemplar.as_deref().map(|e| otlp_exemplar(e, builder.time));
-                            builder.number(id, help, s.value, kind, exemplar);
+                            builder.number(id, help, s.value, kind, exemplar, s.timestamp_ms);
                         }
                     }
                 }
@@ -412,7 +422,7 @@ struct Builder {
     time: u64,
     metrics: Vec<Metric>,
     index: HashMap<String, usize>,
-    ids: Vec<SeriesId>,
+    ids: Vec<(SeriesId, Shape)>,
 }
 
 fn attributes_kv(attributes: &[(String, String)]) -> Vec<KeyValue> {
@@ -453,62 +463,90 @@ impl Builder {
         }
     }
 
-    fn number(&mut self, id: SeriesId, help: &str, value: f64, kind: Kind, exemplar: Option<Exemplar>) {
+    /// A sample at the scrape's time, or at the time the target gave it (as Prometheus
+    /// honours exposed timestamps).
+    fn number(&mut self, id: SeriesId, help: &str, value: f64, kind: Kind, exemplar: Option<Exemplar>, timestamp_ms: Option<i64>) {
         let mut point = self.number_point(&id.attributes, value, 0);
         point.exemplars.extend(exemplar);
+        if let Some(ms) = timestamp_ms.filter(|&ms| ms > 0) {
+            point.time_unix_nano = ms as u64 * 1_000_000;
+        }
         match self.metric(&id.metric, help, || data_for(kind)) {
             metric::Data::Sum(sum) => sum.data_points.push(point),
             metric::Data::Gauge(gauge) => gauge.data_points.push(point),
             _ => {}
         }
-        self.ids.push(id);
+        self.ids.push((id, Shape::Number));
     }
 
     fn gauge(&mut self, name: &str, attributes: &[(String, String)], value: f64, kind: Kind) {
         let id = SeriesId { metric: name.to_owned(), attributes: attributes.to_vec() };
-        self.number(id, "", value, kind, None);
+        self.number(id, "", value, kind, None, None);
     }
 
     fn histogram(&mut self, id: SeriesId, help: &str, mut point: HistogramDataPoint) {
         point.attributes = attributes_kv(&id.attributes);
         point.time_unix_nano = self.time;
-        if let metric::Data::Histogram(h) = self.metric(&id.metric, help, || {
-            metric::Data::Histogram(Histogram { data_points: Vec::new(), aggregation_temporality: AggregationTemporality::Cumulative as i32 })
-        }) {
+        let shape = Shape::Histogram(point.explicit_bounds.clone());
+        if let metric::Data::Histogram(h) = self.metric(&id.metric, help, histogram_data) {
             h.data_points.push(point);
         }
-        self.ids.push(id);
+        self.ids.push((id, shape));
     }
 
     fn summary(&mut self, id: SeriesId, help: &str, mut point: SummaryDataPoint) {
         point.attributes = attributes_kv(&id.attributes);
         point.time_unix_nano = self.time;
+        let shape = Shape::Summary(point.quantile_values.iter().map(|q| q.quantile).collect());
         if let metric::Data::Summary(s) = self.metric(&id.metric, help, || metric::Data::Summary(Summary::default())) {
             s.data_points.push(point);
         }
-        self.ids.push(id);
+        self.ids.push((id, shape));
     }
 
-    /// A "no recorded value" point for a series that is gone.
-    fn stale(&mut self, id: &SeriesId) {
+    /// A "no recorded value" point for a series that is gone, shaped as it was (buckets,
+    /// quantiles), so every sample it had is marked.
+    fn stale(&mut self, id: &SeriesId, shape: &Shape) {
         let point = self.number_point(&id.attributes, f64::NAN, NO_RECORDED_VALUE);
         let time = self.time;
-        match self.metric(&id.metric, "", || metric::Data::Gauge(Gauge::default())) {
-            metric::Data::Sum(sum) => sum.data_points.push(point),
-            metric::Data::Gauge(gauge) => gauge.data_points.push(point),
-            metric::Data::Histogram(h) => h.data_points.push(HistogramDataPoint {
-                attributes: point.attributes,
-                time_unix_nano: time,
-                flags: NO_RECORDED_VALUE,
-                ..Default::default()
-            }),
-            metric::Data::Summary(s) => s.data_points.push(SummaryDataPoint {
-                attributes: point.attributes,
-                time_unix_nano: time,
-                flags: NO_RECORDED_VALUE,
-                ..Default::default()
-            }),
-            metric::Data::ExponentialHistogram(_) => {}
+        let empty = || match shape {
+            Shape::Number => metric::Data::Gauge(Gauge::default()),
+            Shape::Histogram(_) => histogram_data(),
+            Shape::Summary(_) => metric::Data::Summary(Summary::default()),
+        };
+        match (self.metric(&id.metric, "", empty), shape) {
+            (metric::Data::Sum(sum), _) => sum.data_points.push(point),
+            (metric::Data::Gauge(gauge), _) => gauge.data_points.push(point),
+            (metric::Data::Histogram(h), shape) => {
+                let bounds = match shape {
+                    Shape::Histogram(bounds) => bounds.clone(),
+                    _ => Vec::new(),
+                };
+                h.data_points.push(HistogramDataPoint {
+                    attributes: point.attributes,
+                    time_unix_nano: time,
+                    bucket_counts: vec![0; bounds.len() + 1],
+                    explicit_bounds: bounds,
+                    flags: NO_RECORDED_VALUE,
+                    ..Default::default()
+                })
+            }
+            (metric::Data::Summary(s), shape) => {
+                let quantile_values = match shape {
+                    Shape::Summary(quantiles) => {
+                        quantiles.iter().map(|&quantile| ValueAtQuantile { quantile, value: f64::NAN }).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                s.data_points.push(SummaryDataPoint {
+                    attributes: point.attributes,
+                    time_unix_nano: time,
+                    quantile_values,
+                    flags: NO_RECORDED_VALUE,
+                    ..Default::default()
+                })
+            }
+            (metric::Data::ExponentialHistogram(_), _) => {}
         }
     }
 
@@ -528,6 +566,10 @@ impl Builder {
             }],
         }
     }
+}
+
+fn histogram_data() -> metric::Data {
+    metric::Data::Histogram(Histogram { data_points: Vec::new(), aggregation_temporality: AggregationTemporality::Cumulative as i32 })
 }
 
 fn data_for(kind: Kind) -> metric::Data {
