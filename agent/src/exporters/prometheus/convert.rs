@@ -353,6 +353,17 @@ pub fn samples(name: &str, point: &Point) -> Vec<(String, Labels, f64)> {
     }
 }
 
+fn format_le(bound: f64) -> String {
+    bound.to_string()
+}
+
+fn with_label(labels: &Labels, name: &str, value: String) -> Labels {
+    let mut out = labels.clone();
+    out.push((name.to_owned(), value));
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,15 +377,4 @@ mod tests {
         assert_eq!(counts, vec![0, 1, 0, 0, 1, 0]);
         assert_eq!((sum, count), (7.0, 2));
     }
-}
-
-fn format_le(bound: f64) -> String {
-    bound.to_string()
-}
-
-fn with_label(labels: &Labels, name: &str, value: String) -> Labels {
-    let mut out = labels.clone();
-    out.push((name.to_owned(), value));
-    out.sort();
-    out
 }
