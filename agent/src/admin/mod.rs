@@ -50,11 +50,13 @@ impl Access {
                  (for example through ${PERISCOPE_TOKEN}) and send Authorization: Bearer <token>",
             )));
         }
+        // The scheme is case-insensitive (RFC 9110); the token is not.
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         // Compare in constant time: the token is a secret.
         let matches = given.len() == self.token.len()
             && given.bytes().zip(self.token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
@@ -137,8 +139,8 @@ async fn pprof_profile(
         return api_error(StatusCode::BAD_REQUEST, "malformed query string; expected seconds=N&frequency=HZ&format=pprof|svg|folded&target=NAME");
     };
     let seconds = match query.seconds.as_deref().map(str::parse::<u64>) {
-        None => 10,
-        Some(Ok(s)) if (1..=profiling::MAX_SECONDS).contains(&s) => s,
+        None => None,
+        Some(Ok(s)) if (1..=profiling::MAX_SECONDS).contains(&s) => Some(s),
         Some(_) => return api_error(StatusCode::BAD_REQUEST, format!("seconds must be a whole number from 1 to {}", profiling::MAX_SECONDS)),
     };
     let frequency = match query.frequency.as_deref().map(str::parse::<u32>) {
@@ -153,7 +155,7 @@ async fn pprof_profile(
     };
     let result = match &query.target {
         Some(target) => profiler.capture_target(target, seconds, format).await,
-        None => profiler.capture_self(seconds, frequency, format).await,
+        None => profiler.capture_self(seconds.unwrap_or(profiling::DEFAULT_SECONDS), frequency, format).await,
     };
     match result {
         Ok(rendered) => {

@@ -20,6 +20,9 @@ use profile::{Profile, Stack};
 pub const MAX_SECONDS: u64 = 300;
 pub const MAX_FREQUENCY: u32 = 1000;
 pub const DEFAULT_FREQUENCY: u32 = 99;
+pub const DEFAULT_SECONDS: u64 = 10;
+/// Largest profile taken from a target.
+pub const MAX_PULLED_BYTES: usize = 64 * 1024 * 1024;
 /// Bytes of profiles kept from continuous capture; the oldest go first.
 pub const KEPT_PROFILE_BYTES: u64 = 256 * 1024 * 1024;
 
@@ -117,8 +120,14 @@ impl Profiling {
         render(&profile, None, format, "periscope")
     }
 
-    /// Pulls a profile of `seconds` from the target called `name`.
-    pub async fn capture_target(&self, name: &str, seconds: u64, format: Format) -> Result<Rendered, ProfileError> {
+    /// Pulls a profile from the target called `name`, of `seconds` or the target's own
+    /// `seconds` setting.
+    pub async fn capture_target(&self, name: &str, seconds: Option<u64>, format: Format) -> Result<Rendered, ProfileError> {
+        let seconds = match (seconds, self.targets.get(name)) {
+            (Some(s), _) => s,
+            (None, Some((target, _))) => u64::from(target.seconds).clamp(1, MAX_SECONDS),
+            (None, None) => DEFAULT_SECONDS,
+        };
         let (profile, body) = self.pull(name, seconds).await?;
         render(&profile, Some(body), format, name)
     }
@@ -143,15 +152,25 @@ impl Profiling {
             .await
             .map_err(|e| ProfileError::Upstream(format!("{name}: GET {url}: {}", crate::exporters::otlp::error_chain(&e))))?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| ProfileError::Upstream(format!("{name}: reading the answer of {url}: {e}")))?;
+        let mut response = response;
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_PULLED_BYTES {
+                        return Err(ProfileError::Upstream(format!("{name}: the answer of {url} is larger than {MAX_PULLED_BYTES} bytes")));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(ProfileError::Upstream(format!("{name}: reading the answer of {url}: {e}"))),
+            }
+        }
         if !status.is_success() {
             let text: String = String::from_utf8_lossy(&body).trim().chars().take(300).collect();
             let message = format!("{name} answered HTTP {status}: {text}");
             // Go's net/http/pprof answers 500 "cpu profiling already in use".
-            return Err(if status.as_u16() == 409 || text.contains("already in use") || text.contains("already") {
+            return Err(if status.as_u16() == 409 || text.contains("already in use") {
                 ProfileError::Busy(message)
             } else {
                 ProfileError::Upstream(message)
@@ -161,7 +180,7 @@ impl Profiling {
             let start: String = String::from_utf8_lossy(&body[..body.len().min(40)]).chars().filter(|c| !c.is_control()).collect();
             ProfileError::Upstream(format!("{name} did not return a CPU profile ({e}); it began with {start:?}"))
         })?;
-        Ok((profile, body.to_vec()))
+        Ok((profile, body))
     }
 
     /// Captures every target that has an `interval` into `store`, until `stop` fires.
@@ -191,7 +210,7 @@ impl Profiling {
                         Ok((profile, body)) => {
                             let start_ms = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
                             let meta = store::ProfileMeta {
-                                id: format!("{start_ms:020}-{}", sanitize(&name)),
+                                id: format!("{start_ms:020}-{}-{:08x}", sanitize(&name), crc32fast::hash(name.as_bytes())),
                                 target: name.clone(),
                                 node: node.clone(),
                                 service: name.clone(),

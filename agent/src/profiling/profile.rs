@@ -194,8 +194,8 @@ pub fn decode(bytes: &[u8]) -> Result<Profile, String> {
     Ok(profile)
 }
 
-/// Collapsed stacks (`root;caller;leaf count`), weighted by the CPU time value when the profile
-/// has one (in samples otherwise), sorted for stable output.
+/// Collapsed stacks (`root;caller;leaf count`), weighted by the sample count when the profile
+/// has a `samples` value (the last value otherwise), sorted for stable output.
 pub fn folded(profile: &Profile) -> String {
     let string = |i: i64| profile.string_table.get(i as usize).map_or("?", String::as_str);
     let value_index = profile
