@@ -171,9 +171,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "analysing execution paths"
         );
         trace_consumers.push(handle);
+        let runtime = tokio::runtime::Handle::current();
         exporter_tasks.push(supervise(paths::KEY, &metrics, &readiness, async move {
-            processor.run(input).await;
-            Ok(())
+            tokio::task::spawn_blocking(move || processor.run_blocking(input, runtime)).await.map_err(|e| e.to_string())
         }));
     }
     let mut pull_task = None;

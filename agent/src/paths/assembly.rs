@@ -103,7 +103,10 @@ impl Assembler {
                 None => break,
             }
         }
-        self.traces.insert(trace, Pending { spans: vec![span], deadline });
+        // Most traces have a handful of spans: start with room for them.
+        let mut spans = Vec::with_capacity(8);
+        spans.push(span);
+        self.traces.insert(trace, Pending { spans, deadline });
         self.spans += 1;
         self.expiry.push_back((deadline, trace));
         Added::Waiting

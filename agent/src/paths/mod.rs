@@ -254,20 +254,25 @@ impl Processor {
         m.edges.set(state.graph.edges() as i64);
     }
 
-    /// Runs until the traces pipeline closes, then analyses what is still waiting.
-    pub async fn run(mut self, mut input: ConsumerInput<Traces>) {
-        let mut tick = tokio::time::interval(self.tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Runs until the traces pipeline closes, then analyses what is still waiting. Blocking:
+    /// analysis is CPU work, so it runs on a thread of its own rather than holding up the
+    /// runtime's workers.
+    pub fn run_blocking(mut self, mut input: ConsumerInput<Traces>, runtime: tokio::runtime::Handle) {
+        let mut next_tick = Instant::now() + self.tick;
         loop {
-            tokio::select! {
-                delivery = input.recv() => match delivery {
-                    Some(delivery) => {
-                        self.ingest(&delivery.data, Instant::now());
-                        self.component.sent.inc_by(delivery.items as u64);
-                    }
-                    None => break,
-                },
-                _ = tick.tick() => self.expire(Instant::now()),
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match runtime.block_on(async { tokio::time::timeout(wait, input.recv()).await }) {
+                Ok(Some(delivery)) => {
+                    self.ingest(&delivery.data, Instant::now());
+                    self.component.sent.inc_by(delivery.items as u64);
+                }
+                Ok(None) => break,
+                Err(_) => {}
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.expire(now);
+                next_tick = now + self.tick;
             }
         }
         self.flush();

@@ -172,25 +172,30 @@ pub struct Request<'a> {
     pub failed: bool,
 }
 
-/// (client, server)
-type EdgeKey = (Box<str>, Box<str>);
-
-/// `traces_service_graph_*`: requests between services.
+/// `traces_service_graph_*`: requests between services, by client then server.
 #[derive(Default)]
 pub struct ServiceGraph {
-    edges: HashMap<EdgeKey, Edge, RandomState>,
+    edges: HashMap<Box<str>, HashMap<Box<str>, Edge, RandomState>, RandomState>,
+    count: usize,
 }
 
 impl ServiceGraph {
     /// Counts one request. Returns false when it went to the overflow edge.
     pub fn record(&mut self, request: Request<'_>) -> bool {
-        let mut kept = true;
-        let key = (Box::from(request.client), Box::from(request.server));
-        let edge = if self.edges.contains_key(&key) || self.edges.len() < MAX_EDGES {
-            self.edges.entry(key).or_insert_with(Edge::new)
-        } else {
-            kept = false;
-            self.edges.entry((OVERFLOW.into(), OVERFLOW.into())).or_insert_with(Edge::new)
+        // Look up without allocating; allocate only for a new edge.
+        let known = self.edges.get(request.client).is_some_and(|servers| servers.contains_key(request.server));
+        let kept = known || self.count < MAX_EDGES;
+        let (client, server) = if kept { (request.client, request.server) } else { (OVERFLOW, OVERFLOW) };
+        let servers = match self.edges.get_mut(client) {
+            Some(servers) => servers,
+            None => self.edges.entry(client.into()).or_default(),
+        };
+        let edge = match servers.get_mut(server) {
+            Some(edge) => edge,
+            None => {
+                self.count += 1;
+                servers.entry(server.into()).or_insert_with(Edge::new)
+            }
         };
         edge.requests += 1;
         edge.failed += u64::from(request.failed);
@@ -204,12 +209,16 @@ impl ServiceGraph {
     }
 
     pub fn edges(&self) -> usize {
-        self.edges.len()
+        self.count
     }
 
     pub fn write(&self, out: &mut Exposition) {
-        let mut edges: Vec<(&EdgeKey, &Edge)> = self.edges.iter().collect();
-        edges.sort_by(|a, b| a.0.cmp(b.0));
+        let mut edges: Vec<((&str, &str), &Edge)> = self
+            .edges
+            .iter()
+            .flat_map(|(client, servers)| servers.iter().map(move |(server, edge)| ((&**client, &**server), edge)))
+            .collect();
+        edges.sort_by(|a, b| a.0.cmp(&b.0));
         out.family("traces_service_graph_request_total", "Requests between two services.", Type::Counter);
         for ((client, server), edge) in &edges {
             out.sample("traces_service_graph_request_total", &[("client", client), ("server", server)], edge.requests as f64);
