@@ -125,16 +125,30 @@ impl Encoder<Logs> for LokiEncoder {
         for resource_logs in &data.resource_logs {
             let attributes = resource_logs.resource.as_ref().map_or(&[][..], |r| &r.attributes[..]);
             let base = resource_labels(attributes);
+            // A resource's records differ in their labels only by stream: one selector each.
+            let mut selectors: Vec<(Option<&str>, String)> = Vec::with_capacity(3);
             for scope in &resource_logs.scope_logs {
                 for record in &scope.log_records {
-                    let mut labels = base.clone();
-                    if let Some(stream) = string_attribute(&record.attributes, "log.iostream") {
-                        labels.push(("stream".into(), stream.to_owned()));
-                    }
-                    let selector = selector(labels);
+                    let stream = string_attribute(&record.attributes, "log.iostream");
+                    let selector = match selectors.iter().find(|(s, _)| *s == stream) {
+                        Some((_, selector)) => selector,
+                        None => {
+                            let mut labels = base.clone();
+                            if let Some(stream) = stream {
+                                labels.push(("stream".into(), stream.to_owned()));
+                            }
+                            selectors.push((stream, selector(labels)));
+                            &selectors[selectors.len() - 1].1
+                        }
+                    };
                     let entry = entry(record);
                     bytes += entry.line.len() + selector.len() / 8 + 16;
-                    batch.streams.entry(selector).or_default().push(entry);
+                    match batch.streams.get_mut(selector.as_str()) {
+                        Some(entries) => entries.push(entry),
+                        None => {
+                            batch.streams.insert(selector.clone(), vec![entry]);
+                        }
+                    }
                 }
             }
         }

@@ -210,7 +210,13 @@ impl FileSource {
             self.release_finished();
             self.save();
             if !busy {
-                std::thread::sleep(POLL_INTERVAL);
+                // Idle, or waiting for the exporter: wake at the next acknowledgement (which may
+                // let reading go on) or after the poll interval (files may have grown).
+                if let Ok(Some(acked)) =
+                    runtime.block_on(async { tokio::time::timeout(POLL_INTERVAL, self.acks.recv()).await })
+                {
+                    self.ack(acked);
+                }
             }
         }
         // Let the exporters finish, then hear what they delivered.
