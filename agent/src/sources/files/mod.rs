@@ -230,6 +230,8 @@ impl FileSource {
             }
             self.take_acks();
         }
+        // Acknowledgements already heard move the checkpoints too.
+        self.take_acks();
         self.save();
     }
 
