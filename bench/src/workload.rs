@@ -3,7 +3,10 @@
 //! cache lookup, two queries and rendering — with 16-byte trace ids, 8-byte span ids, parent
 //! links, ten attributes of mixed types and one event per span, under a resource carrying
 //! `service.name` and a few more attributes. Generation is deterministic per request index, so
-//! two runs send the same bytes.
+//! two runs send the same bytes. [`handlers`] builds traces of many handlers, with variants and
+//! a downstream service, for execution-path analysis.
+
+pub mod handlers;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
@@ -37,6 +40,8 @@ enum Role {
     Middleware,
     Cache,
     Database,
+    /// A call into another service.
+    Rpc,
 }
 
 const STEPS: [Step; SPANS_PER_TRACE] = [
@@ -272,8 +277,70 @@ fn attributes(role: Role, service: usize, error: bool, rng: &mut Rng) -> Vec<Key
             float("db.client.wait_ms", rng.below(1_000) as f64 / 100.0),
             flag("db.prepared", true),
         ],
+        Role::Rpc => [
+            text("http.request.method", "GET"),
+            text("url.full", format!("http://users.video.svc/users/{}", rng.below(100_000))),
+            text("server.address", "users.video.svc"),
+            int("server.port", 8080),
+            text("peer.service", "users"),
+            int("http.response.status_code", if error { 504 } else { 200 }),
+            text("network.protocol.version", "1.1"),
+            int("http.request.resend_count", 0),
+        ],
     };
     common.into_iter().chain(specific).collect()
+}
+
+/// The mask that [`renew_trace_ids`] and [`patch_trace_ids`] apply in round `round` of sending
+/// a pool of requests again: 0 in round 0, so the first round sends the ids as built.
+pub fn round_mask(round: u64) -> u64 {
+    if round == 0 {
+        0
+    } else {
+        Rng(round).next() | 1
+    }
+}
+
+/// XORs the first eight bytes of every trace id in `request` with `mask`: applying
+/// `round_mask(r - 1) ^ round_mask(r)` turns round `r - 1`'s ids into round `r`'s, so a pool
+/// of requests sent again and again carries new traces each round.
+pub fn renew_trace_ids(request: &mut ExportTraceServiceRequest, mask: u64) {
+    for span in request.resource_spans.iter_mut().flat_map(|r| &mut r.scope_spans).flat_map(|s| &mut s.spans) {
+        xor_prefix(&mut span.trace_id, mask);
+    }
+}
+
+/// Where the encoding of `request` holds each span's trace id: the offsets of the sixteen id
+/// bytes, in span order, for [`patch_trace_ids`].
+pub fn trace_id_offsets(encoded: &[u8], request: &ExportTraceServiceRequest) -> Vec<usize> {
+    let mut offsets = Vec::new();
+    let mut from = 0;
+    for span in request.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans) {
+        // Field 1, length-delimited, 16 bytes long, then the id.
+        let mut field = vec![0x0A, 0x10];
+        field.extend_from_slice(&span.trace_id);
+        let Some(at) = encoded[from..].windows(field.len()).position(|w| w == field) else { break };
+        offsets.push(from + at + 2);
+        from += at + field.len();
+    }
+    offsets
+}
+
+/// The encoded counterpart of [`renew_trace_ids`], on a copy of the bytes as built: gives the
+/// ids of round `round`.
+pub fn patch_trace_ids(encoded: &mut [u8], offsets: &[usize], round: u64) {
+    let mask = round_mask(round);
+    for &at in offsets {
+        xor_prefix(&mut encoded[at..at + 16], mask);
+    }
+}
+
+fn xor_prefix(id: &mut [u8], mask: u64) {
+    if let Some(prefix) = id.get_mut(..8) {
+        for (byte, m) in prefix.iter_mut().zip(mask.to_be_bytes()) {
+            *byte ^= m;
+        }
+    }
 }
 
 /// Spans in a request, however its resources and scopes are split.
@@ -325,5 +392,26 @@ mod tests {
         // Realistic sizes: a few hundred bytes per span.
         let per_span = a.len() / 64;
         assert!((300..1_000).contains(&per_span), "{per_span} bytes per span");
+    }
+
+    #[test]
+    fn renewed_ids_are_new_each_round_in_decoded_and_encoded_form_alike() {
+        let built = request(5, 100, 1);
+        let encoded = built.encode_to_vec();
+        let offsets = trace_id_offsets(&encoded, &built);
+        assert_eq!(offsets.len(), 100);
+
+        let mut decoded = built.clone();
+        let mut seen = std::collections::HashSet::new();
+        for round in 0..4 {
+            if round > 0 {
+                renew_trace_ids(&mut decoded, round_mask(round - 1) ^ round_mask(round));
+            }
+            let mut bytes = encoded.clone();
+            patch_trace_ids(&mut bytes, &offsets, round);
+            assert_eq!(bytes, decoded.encode_to_vec(), "round {round}");
+            let first = &decoded.resource_spans[0].scope_spans[0].spans[0].trace_id;
+            assert!(seen.insert(first.clone()), "round {round} repeats an id");
+        }
     }
 }

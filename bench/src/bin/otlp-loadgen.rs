@@ -10,9 +10,15 @@
 //! again after a short backoff and counted as a retry; any other error counts its spans as
 //! failed. `--report FILE` writes the figures as `name=value` lines (`start_ns`, `end_ns`,
 //! `spans`, `failed_spans`, `requests`, `retries`).
+//!
+//! `--workload gateway` (the default) sends the gateway's traces of eight spans, the pool
+//! round-robin as built. `--workload handlers` sends traces of `--routes` handlers with variants
+//! and a downstream service (see `workload::handlers`), and gives each round through the pool
+//! new trace ids (patched into a copy of the encoded bytes), so that every trace is new to an
+//! agent that assembles traces.
 
 use bytes::Bytes;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use periscope_bench::args::Args;
 use periscope_bench::codec::PreEncoded;
 use periscope_bench::{report, workload};
@@ -26,7 +32,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
 const USAGE: &str = "usage: otlp-loadgen --endpoint URL [--spans N] [--batch B] [--concurrency C] \
-                     [--pool P] [--report FILE]";
+                     [--pool P] [--workload gateway|handlers] [--routes R] [--report FILE]";
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 /// Attempts per request before its spans count as failed: about 20 s of pushback.
 const MAX_ATTEMPTS: u32 = 200;
@@ -34,6 +40,8 @@ const MAX_ATTEMPTS: u32 = 200;
 struct Plan {
     /// Pre-encoded full requests, sent round-robin.
     pool: Vec<Bytes>,
+    /// Per pooled request, where its trace ids are, when every round gets new ones.
+    id_offsets: Option<Vec<Vec<usize>>>,
     /// The last request when the span total is not a multiple of the batch size.
     tail: Option<(Bytes, u64)>,
     batch: u64,
@@ -48,7 +56,17 @@ impl Plan {
     /// The body and span count of request number `n`.
     fn request(&self, n: u64) -> (Bytes, u64) {
         if n < self.full_requests {
-            (self.pool[(n % self.pool.len() as u64) as usize].clone(), self.batch)
+            let at = (n % self.pool.len() as u64) as usize;
+            let round = n / self.pool.len() as u64;
+            let body = match &self.id_offsets {
+                Some(offsets) if round > 0 => {
+                    let mut bytes = self.pool[at].to_vec();
+                    workload::patch_trace_ids(&mut bytes, &offsets[at], round);
+                    Bytes::from(bytes)
+                }
+                _ => self.pool[at].clone(),
+            };
+            (body, self.batch)
         } else {
             self.tail.clone().unwrap_or_default()
         }
@@ -72,19 +90,29 @@ async fn main() {
 }
 
 async fn run() -> Result<(), String> {
-    let args = Args::parse(std::env::args().skip(1), &["endpoint", "spans", "batch", "concurrency", "pool", "report"])
-        .map_err(|e| format!("{e}\n{USAGE}"))?;
+    let args = Args::parse(
+        std::env::args().skip(1),
+        &["endpoint", "spans", "batch", "concurrency", "pool", "workload", "routes", "report"],
+    )
+    .map_err(|e| format!("{e}\n{USAGE}"))?;
     let endpoint = args.text("endpoint").ok_or_else(|| format!("--endpoint is required\n{USAGE}"))?.to_string();
     let spans: u64 = args.get("spans", 1_000_000).map_err(|e| e.to_string())?;
     let batch: u64 = args.get("batch", 512).map_err(|e| e.to_string())?;
     let concurrency: usize = args.get("concurrency", 4).map_err(|e| e.to_string())?;
     let pool_size: u64 = args.get("pool", 64).map_err(|e| e.to_string())?;
     let report_path = args.text("report").map(PathBuf::from);
+    let shape = match args.text("workload").unwrap_or("gateway") {
+        "gateway" => Workload::Gateway,
+        "handlers" => Workload::Handlers {
+            routes: args.get("routes", workload::handlers::DEFAULT_ROUTES).map_err(|e| e.to_string())?,
+        },
+        other => return Err(format!("--workload {other:?}: expected gateway or handlers\n{USAGE}")),
+    };
     if batch == 0 || concurrency == 0 || pool_size == 0 {
         return Err("--batch, --concurrency and --pool must be greater than 0".into());
     }
 
-    let plan = Arc::new(build_plan(spans, batch, pool_size));
+    let plan = Arc::new(build_plan(spans, batch, pool_size, shape));
     let bytes: usize = plan.pool.iter().map(Bytes::len).sum();
     println!(
         "otlp-loadgen: {} requests of {batch} spans ({} bytes each on average) to {endpoint}, {concurrency} clients",
@@ -139,17 +167,39 @@ async fn run() -> Result<(), String> {
     Ok(())
 }
 
-fn build_plan(spans: u64, batch: u64, pool_size: u64) -> Plan {
+/// What the requests carry.
+#[derive(Clone, Copy)]
+enum Workload {
+    Gateway,
+    Handlers { routes: usize },
+}
+
+impl Workload {
+    fn request(self, index: u64, spans: usize, base: u64) -> ExportTraceServiceRequest {
+        match self {
+            Workload::Gateway => workload::request(index, spans, base),
+            Workload::Handlers { routes } => workload::handlers::request(index, spans, base, routes),
+        }
+    }
+}
+
+fn build_plan(spans: u64, batch: u64, pool_size: u64, shape: Workload) -> Plan {
     let base = report::unix_nanos() as u64;
     let full_requests = spans / batch;
-    let pool = (0..pool_size.min(full_requests.max(1)))
-        .map(|i| Bytes::from(workload::request(i, batch as usize, base).encode_to_vec()))
-        .collect();
+    let requests: Vec<ExportTraceServiceRequest> =
+        (0..pool_size.min(full_requests.max(1))).map(|i| shape.request(i, batch as usize, base)).collect();
+    let pool: Vec<Bytes> = requests.iter().map(|r| Bytes::from(r.encode_to_vec())).collect();
+    let id_offsets = match shape {
+        Workload::Gateway => None,
+        Workload::Handlers { .. } => {
+            Some(requests.iter().zip(&pool).map(|(r, bytes)| workload::trace_id_offsets(bytes, r)).collect())
+        }
+    };
     let tail = (spans % batch != 0).then(|| {
         let rest = spans % batch;
-        (Bytes::from(workload::request(full_requests, rest as usize, base).encode_to_vec()), rest)
+        (Bytes::from(shape.request(full_requests, rest as usize, base).encode_to_vec()), rest)
     });
-    Plan { pool, tail, batch, full_requests }
+    Plan { pool, id_offsets, tail, batch, full_requests }
 }
 
 /// One client: takes the next request number until none are left, and sends it until the
