@@ -136,12 +136,22 @@ impl RemoteWrite {
         let mut deltas = Deltas::default();
         while let Some(delivery) = input.recv().await {
             let requests = this.shard_requests(&delivery.data, &mut deltas);
+            let per_record = this.config.batch.max_samples.max(1);
             for (i, (request, samples)) in requests.into_iter().enumerate() {
                 if samples == 0 {
                     continue;
                 }
                 let shard = &this.shards[i];
-                let result = shard.wal.lock().await.append(&request, samples);
+                // Records of at most one batch each, so a send never exceeds batch.max_samples.
+                let mut records = Vec::with_capacity(request.timeseries.len() / per_record + 1);
+                let mut rest = request.timeseries;
+                while !rest.is_empty() {
+                    let tail = rest.split_off(rest.len().min(per_record));
+                    let count = rest.iter().map(|t| t.samples.len()).sum::<usize>() as u32;
+                    records.push((WriteRequest { timeseries: rest }, count));
+                    rest = tail;
+                }
+                let result = shard.wal.lock().await.append_all(&records);
                 match result {
                     Ok(dropped) => metrics.dropped("wal_full", dropped),
                     Err(e) => {

@@ -78,8 +78,26 @@ impl Wal {
     /// Appends one request and makes it durable. Returns the samples dropped to stay within
     /// the bound (oldest first).
     pub fn append(&mut self, request: &WriteRequest, samples: u32) -> io::Result<u64> {
+        self.append_all(&[(request.clone(), samples)])
+    }
+
+    /// Appends requests, one record each, and makes them durable with one sync.
+    pub fn append_all(&mut self, records: &[(WriteRequest, u32)]) -> io::Result<u64> {
+        for (request, samples) in records {
+            self.write_record(request, *samples)?;
+        }
+        if let Some(writer) = self.writer.as_mut() {
+            writer.sync_data()?;
+        }
+        self.enforce_bound()
+    }
+
+    fn write_record(&mut self, request: &WriteRequest, samples: u32) -> io::Result<()> {
         let payload = request.encode_to_vec();
         if self.writer.is_none() || self.writer_len >= SEGMENT_BYTES {
+            if let Some(previous) = self.writer.as_mut() {
+                previous.sync_data()?;
+            }
             let next = self.segments.last().map_or(self.delivered.segment.max(1), |s| s + 1);
             let file = OpenOptions::new().create(true).append(true).open(segment_path(&self.dir, next))?;
             self.writer_len = file.metadata()?.len();
@@ -88,16 +106,15 @@ impl Wal {
                 self.segments.push(next);
             }
         }
-        let Some(writer) = self.writer.as_mut() else { return Ok(0) };
+        let Some(writer) = self.writer.as_mut() else { return Ok(()) };
         let mut record = Vec::with_capacity(payload.len() + HEADER as usize);
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         record.extend_from_slice(&samples.to_le_bytes());
         record.extend_from_slice(&payload);
         writer.write_all(&record)?;
-        writer.sync_data()?;
         self.writer_len += record.len() as u64;
-        self.enforce_bound()
+        Ok(())
     }
 
     fn enforce_bound(&mut self) -> io::Result<u64> {
