@@ -123,13 +123,17 @@ fn err<T>(line: usize, message: impl Into<String>) -> Result<T, ParseError> {
 /// Parses a whole body.
 pub fn parse(body: &str, format: Format) -> Result<Exposition<'_>, ParseError> {
     let mut out = Exposition::default();
+    // About one sample per line and a few labels each: grow once, not line by line.
+    let lines = body.bytes().filter(|&b| b == b'\n').count();
+    out.samples.reserve(lines);
+    out.labels.reserve(lines * 3);
     let hasher = RandomState::with_seeds(1, 2, 3, 4);
     let mut seen: HashSet<u64, ahash::RandomState> = HashSet::with_capacity_and_hasher(1024, RandomState::new());
     let mut seen_families: HashSet<&str> = HashSet::new();
     let mut current: Option<Family<'_>> = None;
     let mut eof = false;
     // The index of the last piece of the body split at newlines (empty when it ends in one).
-    let last = body.bytes().filter(|&b| b == b'\n').count();
+    let last = lines;
 
     for (index, raw) in body.split('\n').enumerate() {
         let number = index + 1;
@@ -278,7 +282,10 @@ fn parse_sample<'a>(line: &'a str, number: usize, format: Format, labels: &mut V
     let (value_text, rest) = rest.split_once([' ', '\t']).unwrap_or((rest, ""));
     let value = parse_value(value_text).ok_or_else(|| ParseError { line: number, message: format!("invalid value {value_text:?}") })?;
     let rest = rest.trim_start_matches([' ', '\t']);
-    let (timestamp_text, rest) = match rest.split_once(" # ") {
+    // An exemplar follows " # "; a byte search for '#' avoids building a substring searcher
+    // for every sample.
+    let exemplar_at = rest.find('#').filter(|&i| i > 0 && rest.as_bytes()[i - 1] == b' ' && rest.as_bytes().get(i + 1) == Some(&b' '));
+    let (timestamp_text, rest) = match exemplar_at.map(|i| (&rest[..i - 1], &rest[i + 2..])) {
         Some((ts, exemplar)) => (ts.trim(), Some(exemplar)),
         None if rest.starts_with("# ") => ("", Some(&rest[2..])),
         None => (rest.trim(), None),
