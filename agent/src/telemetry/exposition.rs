@@ -33,6 +33,7 @@ pub enum Type {
     Counter,
     Gauge,
     Histogram,
+    Summary,
 }
 
 impl Exposition {
@@ -72,6 +73,7 @@ impl Exposition {
             Type::Counter => "counter",
             Type::Gauge => "gauge",
             Type::Histogram => "histogram",
+            Type::Summary => "summary",
         };
         self.text.push_str("# HELP ");
         self.text.push_str(name);
@@ -85,11 +87,6 @@ impl Exposition {
         }
         self.text.push('\n');
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-
-    /// Text written as it is (a family header of a type this writer has no name for).
-    pub fn raw(&mut self, text: &str) {
-        self.text.push_str(text);
     }
 
     /// One histogram bucket line: `name{labels,le="bound"} value`.

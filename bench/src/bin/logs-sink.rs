@@ -39,50 +39,8 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: logs-sink --listen ADDR [--stats FILE]";
 
-/// Loki's push API messages (`pkg/push/push.proto`), only as far as the sink reads them.
-mod loki {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PushRequest {
-        #[prost(message, repeated, tag = "1")]
-        pub streams: Vec<StreamAdapter>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct StreamAdapter {
-        #[prost(string, tag = "1")]
-        pub labels: String,
-        #[prost(message, repeated, tag = "2")]
-        pub entries: Vec<EntryAdapter>,
-        #[prost(uint64, tag = "3")]
-        pub hash: u64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct EntryAdapter {
-        #[prost(message, optional, tag = "1")]
-        pub timestamp: Option<Timestamp>,
-        #[prost(string, tag = "2")]
-        pub line: String,
-        #[prost(message, repeated, tag = "3")]
-        pub structured_metadata: Vec<LabelPairAdapter>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LabelPairAdapter {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(string, tag = "2")]
-        pub value: String,
-    }
-
-    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
-    pub struct Timestamp {
-        #[prost(int64, tag = "1")]
-        pub seconds: i64,
-        #[prost(int32, tag = "2")]
-        pub nanos: i32,
-    }
-}
+/// Loki's push API messages, as the agent defines them.
+use periscope::exporters::loki::push as loki;
 
 /// What arrived so far.
 #[derive(Default)]

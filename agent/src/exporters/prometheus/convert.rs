@@ -84,8 +84,6 @@ fn exemplars(list: &[Exemplar]) -> Vec<ExemplarText> {
 pub struct Family {
     pub name: String,
     pub kind: Type,
-    /// Written as a Prometheus summary (`kind` is then `Gauge`).
-    pub summary: bool,
     pub help: String,
     pub points: Vec<Point>,
 }
@@ -166,12 +164,12 @@ pub fn convert(request: &Metrics) -> Converted {
 
 fn family(metric: &Metric, target: &Labels, raw: bool) -> Option<Family> {
     let data = metric.data.as_ref()?;
-    let (kind, summary, counter, gauge) = match data {
-        metric::Data::Gauge(_) => (Type::Gauge, false, false, true),
-        metric::Data::Sum(sum) if sum.is_monotonic => (Type::Counter, false, true, false),
-        metric::Data::Sum(_) => (Type::Gauge, false, false, true),
-        metric::Data::Histogram(_) | metric::Data::ExponentialHistogram(_) => (Type::Histogram, false, false, false),
-        metric::Data::Summary(_) => (Type::Gauge, true, false, false),
+    let (kind, counter, gauge) = match data {
+        metric::Data::Gauge(_) => (Type::Gauge, false, true),
+        metric::Data::Sum(sum) if sum.is_monotonic => (Type::Counter, true, false),
+        metric::Data::Sum(_) => (Type::Gauge, false, true),
+        metric::Data::Histogram(_) | metric::Data::ExponentialHistogram(_) => (Type::Histogram, false, false),
+        metric::Data::Summary(_) => (Type::Summary, false, false),
     };
     let name = if raw { metric.name.clone() } else { naming::metric_name(&metric.name, &metric.unit, counter, gauge) };
     let with_target = |attributes: &[KeyValue]| {
@@ -243,7 +241,7 @@ fn family(metric: &Metric, target: &Labels, raw: bool) -> Option<Family> {
             })
             .collect(),
     };
-    Some(Family { name, kind, summary, help: metric.description.clone(), points })
+    Some(Family { name, kind, help: metric.description.clone(), points })
 }
 
 /// An exponential histogram as classic buckets: each bucket's upper bound is base^(index+1);

@@ -45,8 +45,6 @@ fn keep_exemplars(kept: &mut Vec<ExemplarText>, new: Vec<ExemplarText>) {
 struct Family {
     kind: Type,
     help: String,
-    /// Summaries are written as Prometheus summaries (the exposition writer knows three types).
-    summary: bool,
     series: HashMap<Labels, Series>,
 }
 
@@ -100,7 +98,6 @@ impl Store {
         let family = inner.families.entry(converted.name).or_insert_with(|| Family {
             kind: converted.kind,
             help: converted.help,
-            summary: converted.summary,
             series: HashMap::new(),
         });
         let mut dropped = 0;
@@ -156,11 +153,7 @@ impl Collect for Store {
         for (name, family) in &inner.families {
             let mut series: Vec<(&Labels, &Series)> = family.series.iter().collect();
             series.sort_by(|a, b| a.0.cmp(b.0));
-            if family.summary {
-                out.raw(&format!("# HELP {name} {}\n# TYPE {name} summary\n", escape_help(&family.help)));
-            } else {
-                out.family(name, &family.help, family.kind);
-            }
+            out.family(name, &family.help, family.kind);
             for (labels, s) in series {
                 let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 match &s.value {
@@ -211,9 +204,6 @@ impl Collect for Store {
     }
 }
 
-fn escape_help(help: &str) -> String {
-    help.replace('\\', "\\\\").replace('\n', "\\n")
-}
 
 #[cfg(test)]
 mod tests {
