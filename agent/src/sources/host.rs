@@ -245,14 +245,14 @@ impl HostMetrics {
             c.add("node_disk_reads_completed_total", true, "The total number of reads completed successfully.", labels(), n(3));
             c.add("node_disk_reads_merged_total", true, "The total number of reads merged.", labels(), n(4));
             c.add("node_disk_read_bytes_total", true, "The total number of bytes read successfully.", labels(), n(5) * 512.0);
-            c.add("node_disk_read_time_seconds_total", true, "The total number of seconds spent by all reads.", labels(), n(6) / 1000.0);
+            c.add("node_disk_read_time_seconds_total", true, "The total number of seconds spent by all reads.", labels(), n(6) * 0.001);
             c.add("node_disk_writes_completed_total", true, "The total number of writes completed successfully.", labels(), n(7));
             c.add("node_disk_writes_merged_total", true, "The number of writes merged.", labels(), n(8));
             c.add("node_disk_written_bytes_total", true, "The total number of bytes written successfully.", labels(), n(9) * 512.0);
-            c.add("node_disk_write_time_seconds_total", true, "This is the total number of seconds spent by all writes.", labels(), n(10) / 1000.0);
+            c.add("node_disk_write_time_seconds_total", true, "This is the total number of seconds spent by all writes.", labels(), n(10) * 0.001);
             c.add("node_disk_io_now", false, "The number of I/Os currently in progress.", labels(), n(11));
-            c.add("node_disk_io_time_seconds_total", true, "Total seconds spent doing I/Os.", labels(), n(12) / 1000.0);
-            c.add("node_disk_io_time_weighted_seconds_total", true, "The weighted # of seconds spent doing I/Os.", labels(), n(13) / 1000.0);
+            c.add("node_disk_io_time_seconds_total", true, "Total seconds spent doing I/Os.", labels(), n(12) * 0.001);
+            c.add("node_disk_io_time_weighted_seconds_total", true, "The weighted # of seconds spent doing I/Os.", labels(), n(13) * 0.001);
         }
     }
 
