@@ -20,6 +20,7 @@ use crate::paths;
 use crate::telemetry::exposition::Collect;
 use crate::pipeline::enrich::NodeEnricher;
 use crate::pipeline::{self, Pipeline};
+use crate::signal::scrape::Scrape;
 use crate::signal::{Logs, Metrics as MetricsData, Signal, Traces};
 use crate::sources::files::{self, FileSource};
 use crate::sources::host;
@@ -178,15 +179,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let mut pull_task = None;
     let mut metric_consumers = Vec::new();
+    // Scrapes travel as Prometheus samples, in a pipeline of their own to the same exporters.
+    let mut scrape_consumers = Vec::new();
     if let Some(rw_config) = &config.exporters.prometheus_remote_write {
         let writer = remote_write::build(rw_config, &config.data_dir, metrics.responses("prometheus_remote_write"))?;
         let component = metrics.component("prometheus_remote_write", Signal::Metrics);
         let (handle, input) = pipeline::consumer::<MetricsData>(prometheus::QUEUE_POINTS, component.clone());
+        let (scrape_handle, scrapes) = pipeline::consumer::<Scrape>(prometheus::QUEUE_POINTS, component.clone());
         tracing::info!(target_url = %writer.target(), shards = rw_config.shards, "remote-writing metrics to Prometheus");
         metric_consumers.push(handle);
+        scrape_consumers.push(scrape_handle);
         let hard_stop = hard_stop.clone();
         exporter_tasks.push(supervise(remote_write::KEY, &metrics, &readiness, async move {
-            writer.run(input, component, hard_stop).await;
+            writer.run(input, scrapes, component, hard_stop).await;
             Ok(())
         }));
     }
@@ -195,13 +200,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // Everything in the metrics pipeline, kept as Prometheus series.
         let component = metrics.component("prometheus", Signal::Metrics);
         let (handle, mut input) = pipeline::consumer::<MetricsData>(prometheus::QUEUE_POINTS, component.clone());
+        let (scrape_handle, mut scrapes) = pipeline::consumer::<Scrape>(prometheus::QUEUE_POINTS, component.clone());
         metric_consumers.push(handle);
+        scrape_consumers.push(scrape_handle);
         let store = Arc::new(prometheus::store::Store::new(prometheus::MAX_SERIES, metrics.drops("prometheus", Signal::Metrics)));
         collectors.push(store.clone());
         exporter_tasks.push(supervise("exporters.prometheus.store", &metrics, &readiness, async move {
-            while let Some(delivery) = input.recv().await {
-                store.ingest(&delivery.data);
-                component.sent.inc_by(delivery.items as u64);
+            let (mut otlp_open, mut scrapes_open) = (true, true);
+            while otlp_open || scrapes_open {
+                tokio::select! {
+                    delivery = input.recv(), if otlp_open => match delivery {
+                        Some(delivery) => {
+                            store.ingest(&delivery.data);
+                            component.sent.inc_by(delivery.items as u64);
+                        }
+                        None => otlp_open = false,
+                    },
+                    delivery = scrapes.recv(), if scrapes_open => match delivery {
+                        Some(delivery) => {
+                            component.sent.inc_by(delivery.items as u64);
+                            store.ingest_scrape(delivery.data.clone());
+                        }
+                        None => scrapes_open = false,
+                    },
+                }
             }
             Ok(())
         }));
@@ -220,6 +242,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let enricher = NodeEnricher::for_environment(node_name.clone());
     let traces = Arc::new(Pipeline::new(enricher.clone(), trace_consumers, metrics.drops("pipeline", Signal::Traces)));
     let metrics_pipeline = Arc::new(Pipeline::<MetricsData>::new(enricher.clone(), metric_consumers, metrics.drops("pipeline", Signal::Metrics)));
+    let scrape_pipeline = Arc::new(Pipeline::<Scrape>::new(enricher.clone(), scrape_consumers, metrics.drops("pipeline", Signal::Metrics)));
     let logs = Arc::new(Pipeline::<Logs>::new(enricher, log_consumers, metrics.drops("pipeline", Signal::Logs)));
 
     // Sources.
@@ -263,7 +286,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     if !config.sources.prometheus.static_targets.is_empty() {
         let scrape_config = config.sources.prometheus.clone();
-        let pipeline = metrics_pipeline.clone();
+        let pipeline = scrape_pipeline.clone();
         let stop = stop_sources.clone();
         let (scrape_metrics, drops) = (metrics.scrapes(), metrics.drops(prometheus_source::KEY, Signal::Metrics));
         source_tasks.push(supervise(prometheus_source::KEY, &metrics, &readiness, async move {
@@ -290,7 +313,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }));
     }
     // From here on only the sources hold the pipelines: when they stop, the exporters' inputs close.
-    drop((traces, metrics_pipeline, logs));
+    drop((traces, metrics_pipeline, scrape_pipeline, logs));
 
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),

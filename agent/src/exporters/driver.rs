@@ -55,7 +55,7 @@ pub trait Encoder<T>: Send + Sync + 'static {
 /// OTLP: concatenated protobuf encodings of requests decode as one request holding them all.
 pub struct Concatenated;
 
-impl<T: Payload> Encoder<T> for Concatenated {
+impl<T: Payload + prost::Message> Encoder<T> for Concatenated {
     type Batch = BytesMut;
 
     fn append(&self, batch: &mut BytesMut, data: &T) -> usize {

@@ -5,6 +5,7 @@
 //! needs from a payload (how many items it holds, its resources, whether its ids are well
 //! formed) is the [`Payload`] trait.
 
+pub mod scrape;
 pub mod status;
 
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
@@ -53,7 +54,7 @@ impl fmt::Display for Signal {
 }
 
 /// What the pipeline needs to know about one OTLP request.
-pub trait Payload: prost::Message + Default + Send + Sync + 'static {
+pub trait Payload: Send + Sync + 'static {
     const SIGNAL: Signal;
 
     /// Spans, data points or log records in the request.
@@ -162,6 +163,23 @@ impl Payload for Logs {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Payload for scrape::Scrape {
+    const SIGNAL: Signal = Signal::Metrics;
+
+    fn item_count(&self) -> usize {
+        self.values.len() + self.stale_count()
+    }
+
+    /// Scraped samples carry their target's labels, not a resource.
+    fn resources_mut(&mut self) -> impl Iterator<Item = &mut Resource> {
+        std::iter::empty()
+    }
+
+    fn check_ids(&self) -> Result<(), String> {
         Ok(())
     }
 }

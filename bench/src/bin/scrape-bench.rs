@@ -17,7 +17,9 @@
 //! `--write FILE` writes the exposition to `FILE` instead (for `metrics-target` to serve), and
 //! prints its sum of sample values, which a receiver holding every sample reproduces.
 
+use periscope::config::StaticTarget;
 use periscope::sources::prometheus::parse::{self, Format};
+use periscope::sources::prometheus::scrape::Target;
 use periscope_bench::args::Args;
 use periscope_bench::report;
 use std::fmt::Write as _;
@@ -86,6 +88,20 @@ fn run() -> Result<(), String> {
             Format::Text => "text",
             Format::OpenMetrics => "openmetrics",
         };
+        // As a scrape reads the body: a target's first scrape (parse, label, build the series
+        // table and the template) and every scrape after it with the same series (template).
+        let first = measure_scrape(body, format, exposition.samples, seconds, true)?;
+        let steady = measure_scrape(body, format, exposition.samples, seconds, false)?;
+        for (what, t) in [("first scrape", &first), ("same series", &steady)] {
+            println!(
+                "{name:>11}: scrape read, {what}: {} reads, median {:.2} ms: {:.2} M samples per CPU-second",
+                t.parses,
+                t.median.as_secs_f64() * 1e3,
+                t.samples_per_second() / 1e6
+            );
+        }
+        figures.push((leak(format!("{name}_first_samples_per_cpu_s")), format!("{:.0}", first.samples_per_second())));
+        figures.push((leak(format!("{name}_template_samples_per_cpu_s")), format!("{:.0}", steady.samples_per_second())));
         println!(
             "{name:>11}: {:.1} MB, {} parses, median {:.2} ms: {:.2} M samples per CPU-second, {:.0} MB per CPU-second \
              (all parses: {:.2} M/s)",
@@ -168,6 +184,35 @@ fn measure(body: &str, format: Format, samples: usize, seconds: f64) -> Result<T
         median: times[times.len() / 2],
         total,
     })
+}
+
+/// Reads `body` as a scrape target does, for about `seconds` of CPU time: with `fresh`, a new
+/// target each time (its first scrape); else one target whose template fits every body.
+fn measure_scrape(body: &str, format: Format, samples: usize, seconds: f64, fresh: bool) -> Result<Timing, String> {
+    let config = StaticTarget { job: "bench".into(), url: "http://127.0.0.1:9/metrics".into(), labels: Default::default() };
+    let client = periscope::sources::prometheus::client()?;
+    let new_target = || Target::new(&config, client.clone(), Duration::from_secs(5));
+    let mut target = new_target();
+    let read = target.read_body(body.as_bytes(), format).map_err(|e| e.to_string())?;
+    if read != samples || !target.has_template() {
+        return Err(format!("{format:?}: the scrape read {read} samples of {samples}, template: {}", target.has_template()));
+    }
+    let budget = Duration::from_secs_f64(seconds);
+    let mut times = Vec::new();
+    let mut total = Duration::ZERO;
+    while total < budget || times.len() < MIN_PARSES {
+        if fresh {
+            target = new_target();
+        }
+        let before = process_cpu();
+        let read = target.read_body(std::hint::black_box(body.as_bytes()), format);
+        std::hint::black_box(&read);
+        let spent = process_cpu() - before;
+        times.push(spent);
+        total += spent;
+    }
+    times.sort_unstable();
+    Ok(Timing { samples, parses: times.len(), median: times[times.len() / 2], total })
 }
 
 /// CPU time (user + system) of this process.

@@ -16,7 +16,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::convert::{self, Labels, Value};
+use crate::signal::scrape::{RenderFamily, Scrape};
 use crate::signal::Metrics;
+use std::sync::Arc;
 use crate::telemetry::exposition::{Collect, ExemplarText, Exposition, Type};
 use crate::telemetry::Drops;
 
@@ -52,6 +54,9 @@ struct Inner {
     families: BTreeMap<String, Family>,
     target_info: HashMap<Labels, Instant>,
     count: usize,
+    /// The latest scrape of each target (job, instance): its series are exactly what the
+    /// target exposed last, so vanished series are gone with the next scrape.
+    scrapes: HashMap<(Arc<str>, Arc<str>), (Arc<Scrape>, Instant)>,
 }
 
 pub struct Store {
@@ -66,7 +71,7 @@ pub struct Store {
 impl Store {
     pub fn new(max_series: usize, drops: Drops) -> Store {
         Store {
-            inner: Mutex::new(Inner { families: BTreeMap::new(), target_info: HashMap::new(), count: 0 }),
+            inner: Mutex::new(Inner { families: BTreeMap::new(), target_info: HashMap::new(), count: 0, scrapes: HashMap::new() }),
             max_series,
             drops,
         }
@@ -90,6 +95,12 @@ impl Store {
         }
         drop(inner);
         self.drops.add("series_limit", dropped);
+    }
+
+    /// Takes a target's latest scrape, in place of its previous one.
+    pub fn ingest_scrape(&self, scrape: Arc<Scrape>) {
+        let key = (scrape.job.clone(), scrape.instance.clone());
+        self.lock().scrapes.insert(key, (scrape, Instant::now()));
     }
 
     /// Returns how many new series did not fit.
@@ -137,10 +148,12 @@ impl Store {
         inner.count -= removed;
         inner.families.retain(|_, f| !f.series.is_empty());
         inner.target_info.retain(|_, at| now.duration_since(*at) < EXPIRY);
+        inner.scrapes.retain(|_, (_, at)| now.duration_since(*at) < EXPIRY);
     }
 
     pub fn series(&self) -> usize {
-        self.lock().count
+        let inner = self.lock();
+        inner.count + inner.scrapes.values().map(|(s, _)| s.values.len()).sum::<usize>()
     }
 }
 
@@ -150,10 +163,43 @@ impl Collect for Store {
     fn collect(&self, out: &mut Exposition) {
         let mut inner = self.lock();
         Self::expire(&mut inner, Instant::now());
-        for (name, family) in &inner.families {
+        // Scraped families by name, merged with the OTLP ones of the same name (one # TYPE).
+        let mut scraped: BTreeMap<&str, Vec<(&Scrape, &RenderFamily)>> = BTreeMap::new();
+        let mut targets: Vec<&Scrape> = inner.scrapes.values().map(|(s, _)| &**s).collect();
+        targets.sort_by(|a, b| (&a.job, &a.instance).cmp(&(&b.job, &b.instance)));
+        for scrape in targets {
+            for family in scrape.table.families() {
+                scraped.entry(&family.name).or_default().push((scrape, family));
+            }
+        }
+        let mut names: Vec<&str> = inner.families.keys().map(String::as_str).chain(scraped.keys().copied()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        for name in names {
+            let parts = scraped.get(name);
+            match (inner.families.get(name), parts.and_then(|p| p.first())) {
+                (Some(family), _) => out.family(name, &family.help, family.kind),
+                (None, Some((_, family))) => out.family(name, &family.help, family.kind),
+                (None, None) => continue,
+            }
+            for (scrape, family) in parts.into_iter().flatten() {
+                for &i in &family.series {
+                    let mut sample = "";
+                    pairs.clear();
+                    for (key, value) in scrape.table.labels(i as usize) {
+                        if key == "__name__" {
+                            sample = value;
+                        } else {
+                            pairs.push((key, value));
+                        }
+                    }
+                    out.sample_exemplar(sample, &pairs, None, scrape.values[i as usize], scrape.exemplar(i));
+                }
+            }
+            let Some(family) = inner.families.get(name) else { continue };
             let mut series: Vec<(&Labels, &Series)> = family.series.iter().collect();
             series.sort_by(|a, b| a.0.cmp(b.0));
-            out.family(name, &family.help, family.kind);
             for (labels, s) in series {
                 let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 match &s.value {

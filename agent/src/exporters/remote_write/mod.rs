@@ -18,7 +18,6 @@ pub mod wal;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use http::{HeaderMap, HeaderValue};
-use prost::Message;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,7 +32,8 @@ use crate::config::RemoteWriteConfig;
 use crate::pipeline::ConsumerInput;
 use crate::signal::Metrics;
 use crate::telemetry::{ComponentMetrics, Responses};
-use prompb::{Label, Sample, TimeSeries, WriteRequest, STALE_NAN};
+use crate::signal::scrape::{encode_time_series, Scrape};
+use prompb::{Label, Sample, TimeSeries, STALE_NAN};
 use wal::Wal;
 
 pub const KEY: &str = "exporters.prometheus_remote_write";
@@ -117,15 +117,56 @@ impl Deltas {
     }
 }
 
+/// Encoded `TimeSeries` per shard, cut into log records of at most `batch.max_samples`
+/// samples each, so that a send never exceeds it.
+struct Records {
+    per_shard: Vec<(Vec<(Vec<u8>, u32)>, Vec<u8>, u32)>,
+    max_samples: u32,
+}
+
+impl Records {
+    fn new(shards: usize, max_samples: usize) -> Records {
+        Records { per_shard: (0..shards).map(|_| (Vec::new(), Vec::new(), 0)).collect(), max_samples: max_samples.max(1) as u32 }
+    }
+
+    /// Adds one single-sample series, written by `encode`.
+    fn push(&mut self, shard: usize, encode: impl FnOnce(&mut Vec<u8>)) {
+        let (records, current, samples) = &mut self.per_shard[shard];
+        encode(current);
+        *samples += 1;
+        if *samples >= self.max_samples {
+            records.push((std::mem::take(current), std::mem::take(samples)));
+        }
+    }
+
+    fn finish(self) -> Vec<Vec<(Vec<u8>, u32)>> {
+        self.per_shard
+            .into_iter()
+            .map(|(mut records, current, samples)| {
+                if samples > 0 {
+                    records.push((current, samples));
+                }
+                records
+            })
+            .collect()
+    }
+}
+
 impl RemoteWrite {
     pub fn target(&self) -> &str {
         &self.url
     }
 
-    /// Runs the shard senders and writes what the pipeline delivers into the shards' logs,
-    /// until the pipeline closes; the senders then stop at `stop` (what is left stays in the
-    /// logs for the next run).
-    pub async fn run(self, mut input: ConsumerInput<Metrics>, metrics: ComponentMetrics, stop: CancellationToken) {
+    /// Runs the shard senders and writes what the pipelines deliver (OTLP metrics and
+    /// scrapes) into the shards' logs, until both close; the senders then stop at `stop` (what
+    /// is left stays in the logs for the next run).
+    pub async fn run(
+        self,
+        mut input: ConsumerInput<Metrics>,
+        mut scrapes: ConsumerInput<Scrape>,
+        metrics: ComponentMetrics,
+        stop: CancellationToken,
+    ) {
         let this = Arc::new(self);
         let closed = CancellationToken::new();
         let mut senders = tokio::task::JoinSet::new();
@@ -134,36 +175,23 @@ impl RemoteWrite {
             senders.spawn(async move { this.send_loop(&shard, &metrics, &stop, &closed).await });
         }
         let mut deltas = Deltas::default();
-        while let Some(delivery) = input.recv().await {
-            let requests = this.shard_requests(&delivery.data, &mut deltas);
-            let per_record = this.config.batch.max_samples.max(1);
-            for (i, (request, samples)) in requests.into_iter().enumerate() {
-                if samples == 0 {
-                    continue;
-                }
-                let shard = &this.shards[i];
-                // Records of at most one batch each, so a send never exceeds batch.max_samples.
-                let mut records = Vec::with_capacity(request.timeseries.len() / per_record + 1);
-                let mut rest = request.timeseries;
-                while !rest.is_empty() {
-                    let tail = rest.split_off(rest.len().min(per_record));
-                    let count = rest.iter().map(|t| t.samples.len()).sum::<usize>() as u32;
-                    records.push((WriteRequest { timeseries: rest }, count));
-                    rest = tail;
-                }
-                let result = shard.wal.lock().await.append_all(&records);
-                match result {
-                    Ok(dropped) => metrics.dropped("wal_full", dropped),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot write the remote_write log; samples dropped");
-                        metrics.dropped("wal_error", u64::from(samples));
-                    }
-                }
-                shard.notify.notify_one();
+        let (mut otlp_open, mut scrapes_open) = (true, true);
+        while otlp_open || scrapes_open {
+            let mut records = Records::new(this.shards.len(), this.config.batch.max_samples);
+            tokio::select! {
+                delivery = input.recv(), if otlp_open => match delivery {
+                    Some(delivery) => this.convert_otlp(&delivery.data, &mut deltas, &mut records),
+                    None => otlp_open = false,
+                },
+                delivery = scrapes.recv(), if scrapes_open => match delivery {
+                    Some(delivery) => this.convert_scrape(&delivery.data, &mut records),
+                    None => scrapes_open = false,
+                },
             }
+            this.append(records, &metrics).await;
         }
-        // The pipeline is closed: the senders deliver what is left, then stop (or stop at the
-        // deadline, leaving the rest in the logs for the next run).
+        // The pipelines are closed: the senders deliver what is left, then stop (or stop at
+        // the deadline, leaving the rest in the logs for the next run).
         closed.cancel();
         for shard in &this.shards {
             shard.notify.notify_one();
@@ -171,19 +199,55 @@ impl RemoteWrite {
         while senders.join_next().await.is_some() {}
     }
 
-    /// Converts one request and splits it into one `WriteRequest` per shard.
-    fn shard_requests(&self, request: &Metrics, deltas: &mut Deltas) -> Vec<(WriteRequest, u32)> {
-        let mut out: Vec<(WriteRequest, u32)> = (0..self.shards.len()).map(|_| (WriteRequest::default(), 0)).collect();
+    /// Writes each shard's records to its log with one sync, and wakes its sender.
+    async fn append(&self, records: Records, metrics: &ComponentMetrics) {
+        for (i, records) in records.finish().into_iter().enumerate() {
+            if records.is_empty() {
+                continue;
+            }
+            let shard = &self.shards[i];
+            let result = shard.wal.lock().await.append_all(&records);
+            match result {
+                Ok(dropped) => metrics.dropped("wal_full", dropped),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot write the remote_write log; samples dropped");
+                    metrics.dropped("wal_error", records.iter().map(|(_, n)| u64::from(*n)).sum());
+                }
+            }
+            shard.notify.notify_one();
+        }
+    }
+
+    /// One scrape's samples (and staleness markers), straight from the target's series table.
+    fn convert_scrape(&self, scrape: &Scrape, records: &mut Records) {
+        let table = &scrape.table;
+        let shards = self.shards.len() as u64;
+        for (i, &value) in scrape.values.iter().enumerate() {
+            let shard = (table.hash(i) % shards) as usize;
+            records.push(shard, |out| encode_time_series(out, table.encoded_labels(i), value, scrape.time_of(i)));
+        }
+        if let Some((old, gone)) = &scrape.stale {
+            let stale = f64::from_bits(STALE_NAN);
+            for &i in gone {
+                let i = i as usize;
+                let shard = (old.hash(i) % shards) as usize;
+                records.push(shard, |out| encode_time_series(out, old.encoded_labels(i), stale, scrape.time_ms));
+            }
+        }
+    }
+
+    /// Converts one OTLP request per the compatibility rules and shards its samples.
+    fn convert_otlp(&self, request: &Metrics, deltas: &mut Deltas, records: &mut Records) {
         let converted = convert::convert(request);
         let now = now_ms();
+        let shards = self.shards.len() as u64;
         let mut push = |name: &str, labels: Labels, value: f64, time_ms: i64| {
             let mut all: Vec<Label> = labels.into_iter().map(|(name, value)| Label { name, value }).collect();
             all.push(Label { name: "__name__".into(), value: name.to_owned() });
             all.sort_by(|a, b| a.name.cmp(&b.name));
-            let shard = (self.hasher.hash_one(&all) % out.len() as u64) as usize;
-            let (request, samples) = &mut out[shard];
-            request.timeseries.push(TimeSeries { labels: all, samples: vec![Sample { value, timestamp: if time_ms > 0 { time_ms } else { now } }] });
-            *samples += 1;
+            let shard = (self.hasher.hash_one(&all) % shards) as usize;
+            let series = TimeSeries { labels: all, samples: vec![Sample { value, timestamp: if time_ms > 0 { time_ms } else { now } }] };
+            records.push(shard, |out| prost::encoding::message::encode(1, &series, out));
         };
         for info in converted.target_info {
             push("target_info", info, 1.0, now);
@@ -209,7 +273,6 @@ impl RemoteWrite {
                 }
             }
         }
-        out
     }
 
     async fn send_loop(&self, shard: &Shard, metrics: &ComponentMetrics, stop: &CancellationToken, closed: &CancellationToken) {
@@ -250,7 +313,7 @@ impl RemoteWrite {
                 let fuller = shard.wal.lock().await.read(max);
                 if let Ok(fuller) = fuller {
                     if fuller.samples > batch.samples {
-                        if self.deliver(fuller.request, fuller.samples, metrics, stop).await {
+                        if self.deliver(fuller.body, fuller.samples, metrics, stop).await {
                             let _ = shard.wal.lock().await.commit(fuller.end);
                         } else {
                             return;
@@ -259,7 +322,7 @@ impl RemoteWrite {
                     }
                 }
             }
-            if self.deliver(batch.request, batch.samples, metrics, stop).await {
+            if self.deliver(batch.body, batch.samples, metrics, stop).await {
                 if let Err(e) = shard.wal.lock().await.commit(batch.end) {
                     tracing::error!(error = %e, "cannot record remote_write progress");
                 }
@@ -271,8 +334,7 @@ impl RemoteWrite {
 
     /// Sends one batch until it is accepted or refused for good. Returns false when stopped
     /// before that (the batch stays in the log).
-    async fn deliver(&self, request: WriteRequest, samples: u64, metrics: &ComponentMetrics, stop: &CancellationToken) -> bool {
-        let raw = request.encode_to_vec();
+    async fn deliver(&self, raw: Vec<u8>, samples: u64, metrics: &ComponentMetrics, stop: &CancellationToken) -> bool {
         let mut compressed = vec![0; snap::raw::max_compress_len(raw.len())];
         let body = match snap::raw::Encoder::new().compress(&raw, &mut compressed) {
             Ok(n) => {

@@ -3,17 +3,15 @@
 //! outage loses nothing.
 //!
 //! Layout under the shard's directory: segment files `<16 digits>.wal` of records
-//! `[len u32][crc32 u32][samples u32][payload]` (payload: a protobuf `WriteRequest`), and a
+//! `[len u32][crc32 u32][samples u32][payload]` (payload: a protobuf `WriteRequest`, so that
+//! records read back one after another are one `WriteRequest` as they are), and a
 //! `position` file saying up to which segment and offset everything was delivered, replaced
 //! atomically. The log is bounded in bytes: past the bound the oldest segment is dropped and
 //! its undelivered samples counted.
 
-use prost::Message;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-
-use super::prompb::WriteRequest;
 
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
@@ -37,7 +35,8 @@ pub struct Wal {
 
 /// What [`Wal::read`] found.
 pub struct Batch {
-    pub request: WriteRequest,
+    /// The records' payloads back to back: one encoded `WriteRequest`.
+    pub body: Vec<u8>,
     pub samples: u64,
     /// Where delivery stands once this batch is accepted.
     pub end: Position,
@@ -75,16 +74,16 @@ impl Wal {
         self.segments.iter().filter_map(|s| fs::metadata(segment_path(&self.dir, *s)).ok()).map(|m| m.len()).sum()
     }
 
-    /// Appends one request and makes it durable. Returns the samples dropped to stay within
-    /// the bound (oldest first).
-    pub fn append(&mut self, request: &WriteRequest, samples: u32) -> io::Result<u64> {
-        self.append_all(&[(request.clone(), samples)])
+    /// Appends one encoded request and makes it durable. Returns the samples dropped to stay
+    /// within the bound (oldest first).
+    pub fn append(&mut self, payload: &[u8], samples: u32) -> io::Result<u64> {
+        self.append_all(&[(payload.to_vec(), samples)])
     }
 
-    /// Appends requests, one record each, and makes them durable with one sync.
-    pub fn append_all(&mut self, records: &[(WriteRequest, u32)]) -> io::Result<u64> {
-        for (request, samples) in records {
-            self.write_record(request, *samples)?;
+    /// Appends encoded requests, one record each, and makes them durable with one sync.
+    pub fn append_all(&mut self, records: &[(Vec<u8>, u32)]) -> io::Result<u64> {
+        for (payload, samples) in records {
+            self.write_record(payload, *samples)?;
         }
         if let Some(writer) = self.writer.as_mut() {
             writer.sync_data()?;
@@ -92,8 +91,7 @@ impl Wal {
         self.enforce_bound()
     }
 
-    fn write_record(&mut self, request: &WriteRequest, samples: u32) -> io::Result<()> {
-        let payload = request.encode_to_vec();
+    fn write_record(&mut self, payload: &[u8], samples: u32) -> io::Result<()> {
         if self.writer.is_none() || self.writer_len >= SEGMENT_BYTES {
             if let Some(previous) = self.writer.as_mut() {
                 previous.sync_data()?;
@@ -107,13 +105,13 @@ impl Wal {
             }
         }
         let Some(writer) = self.writer.as_mut() else { return Ok(()) };
-        let mut record = Vec::with_capacity(payload.len() + HEADER as usize);
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        record.extend_from_slice(&samples.to_le_bytes());
-        record.extend_from_slice(&payload);
-        writer.write_all(&record)?;
-        self.writer_len += record.len() as u64;
+        let mut header = [0u8; HEADER as usize];
+        header[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        header[4..8].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        header[8..12].copy_from_slice(&samples.to_le_bytes());
+        writer.write_all(&header)?;
+        writer.write_all(payload)?;
+        self.writer_len += HEADER + payload.len() as u64;
         Ok(())
     }
 
@@ -135,9 +133,10 @@ impl Wal {
         Ok(dropped)
     }
 
-    /// Reads undelivered records from the delivered position, up to about `max_samples`.
+    /// Reads undelivered records from the delivered position: as many as fit in
+    /// `max_samples`, and at least one.
     pub fn read(&self, max_samples: u64) -> io::Result<Batch> {
-        let mut batch = Batch { request: WriteRequest::default(), samples: 0, end: self.delivered };
+        let mut batch = Batch { body: Vec::new(), samples: 0, end: self.delivered };
         for &segment in self.segments.iter().filter(|&&s| s >= self.delivered.segment) {
             let path = segment_path(&self.dir, segment);
             let mut file = match File::open(&path) {
@@ -158,16 +157,18 @@ impl Wal {
                 let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
                 let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
                 let samples = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-                let mut payload = vec![0; len];
-                if read_full(&mut file, &mut payload)? < len || crc32fast::hash(&payload) != crc {
+                if batch.samples > 0 && batch.samples + u64::from(samples) > max_samples {
+                    return Ok(batch);
+                }
+                let start = batch.body.len();
+                batch.body.resize(start + len, 0);
+                if read_full(&mut file, &mut batch.body[start..])? < len || crc32fast::hash(&batch.body[start..]) != crc {
                     // A torn write at the end of the log (a crash mid-append): nothing after it.
+                    batch.body.truncate(start);
                     break;
                 }
                 offset += HEADER + len as u64;
-                if let Ok(request) = WriteRequest::decode(payload.as_slice()) {
-                    batch.request.timeseries.extend(request.timeseries);
-                    batch.samples += u64::from(samples);
-                }
+                batch.samples += u64::from(samples);
                 batch.end = Position { segment, offset };
             }
             // Moving past a finished segment.
@@ -234,16 +235,18 @@ fn count_samples(path: &Path, from: u64) -> io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::prompb::{Label, Sample, TimeSeries};
+    use super::super::prompb::{Label, Sample, TimeSeries, WriteRequest};
     use super::*;
+    use prost::Message;
 
-    fn request(value: f64) -> WriteRequest {
+    fn request(value: f64) -> Vec<u8> {
         WriteRequest {
             timeseries: vec![TimeSeries {
                 labels: vec![Label { name: "__name__".into(), value: "x".into() }],
                 samples: vec![Sample { value, timestamp: value as i64 }],
             }],
         }
+        .encode_to_vec()
     }
 
     fn dir(name: &str) -> PathBuf {
@@ -253,7 +256,8 @@ mod tests {
     }
 
     fn values(batch: &Batch) -> Vec<f64> {
-        batch.request.timeseries.iter().flat_map(|t| t.samples.iter().map(|s| s.value)).collect()
+        let request = WriteRequest::decode(batch.body.as_slice()).unwrap();
+        request.timeseries.iter().flat_map(|t| t.samples.iter().map(|s| s.value)).collect()
     }
 
     #[test]
@@ -270,6 +274,21 @@ mod tests {
         let wal = Wal::open(&dir, 1 << 30).unwrap();
         let rest = wal.read(100).unwrap();
         assert_eq!(values(&rest), [2.0, 3.0, 4.0]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_read_stays_within_max_samples_but_takes_at_least_one_record() {
+        let dir = dir("max");
+        let mut wal = Wal::open(&dir, 1 << 30).unwrap();
+        for v in 0..3 {
+            wal.append(&request(v as f64), 3).unwrap();
+        }
+        let batch = wal.read(5).unwrap();
+        assert_eq!((values(&batch), batch.samples), (vec![0.0], 3));
+        let batch = wal.read(6).unwrap();
+        assert_eq!((values(&batch), batch.samples), (vec![0.0, 1.0], 6));
+        assert_eq!(wal.read(2).unwrap().samples, 3, "a record larger than the limit still goes");
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -296,7 +315,8 @@ mod tests {
                 labels: vec![Label { name: "__name__".into(), value: "y".repeat(1 << 20) }],
                 samples: vec![Sample { value: 1.0, timestamp: 1 }],
             }],
-        };
+        }
+        .encode_to_vec();
         let mut dropped = 0;
         for _ in 0..30 {
             dropped += wal.append(&big, 1).unwrap();

@@ -82,7 +82,7 @@ pub async fn serve(
 
 async fn handle<T>(intake: &Intake<T>, max: usize, headers: HeaderMap, body: Body) -> Response
 where
-    T: Payload + DeserializeOwned,
+    T: Payload + prost::Message + Default + DeserializeOwned,
 {
     let encoding = match media_type(&headers) {
         Ok(encoding) => encoding,
@@ -151,7 +151,7 @@ fn gunzip(compressed: &[u8], max: usize) -> Result<Bytes, Rejection> {
     Ok(out.into())
 }
 
-fn decode<T: Payload + DeserializeOwned>(bytes: &[u8], encoding: Encoding) -> Result<T, Rejection> {
+fn decode<T: Payload + prost::Message + Default + DeserializeOwned>(bytes: &[u8], encoding: Encoding) -> Result<T, Rejection> {
     match encoding {
         Encoding::Protobuf => T::decode(bytes).map_err(|e| Rejection::Malformed(format!("invalid protobuf body: {e}"))),
         Encoding::Json => serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed(format!("invalid JSON body: {e}"))),

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ScrapeConfig;
 use crate::pipeline::Pipeline;
-use crate::signal::Metrics;
+use crate::signal::scrape::Scrape;
 use crate::telemetry::{Drops, ScrapeMetrics};
 use scrape::Target;
 
@@ -35,7 +35,7 @@ pub fn client() -> Result<reqwest::Client, String> {
 /// Scrapes every static target until `stop` fires.
 pub async fn run(
     config: ScrapeConfig,
-    pipeline: Arc<Pipeline<Metrics>>,
+    pipeline: Arc<Pipeline<Scrape>>,
     metrics: ScrapeMetrics,
     drops: Drops,
     stop: CancellationToken,
@@ -79,7 +79,7 @@ pub async fn run(
                     }
                 }
                 drops.add("series_limit", scraped.over_limit as u64);
-                if let Err(e) = pipeline.send(scraped.request, interval).await {
+                if let Err(e) = pipeline.send(scraped.scrape, interval).await {
                     tracing::warn!(job = %target.job, error = %e, "scraped samples dropped");
                     drops.add("queue_full", scraped.samples as u64);
                 }

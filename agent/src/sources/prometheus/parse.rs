@@ -88,6 +88,9 @@ pub struct Exemplar<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample<'a> {
     pub name: &'a str,
+    /// Bytes of the line up to the end of the series (the name, and the labels' closing
+    /// brace): a later line that starts with the same bytes is the same series.
+    pub key_len: usize,
     /// This sample's labels, as a range of [`Exposition::labels`].
     pub labels: Range<usize>,
     pub value: f64,
@@ -278,10 +281,25 @@ fn parse_sample<'a>(line: &'a str, number: usize, format: Format, labels: &mut V
             return err(number, format!("label {} appears twice", a.name));
         }
     }
+    let key_len = line.len() - rest.len();
+    let (value, timestamp_ms, exemplar) = parse_tail(rest, number, format)?;
+    Ok(Sample { name, key_len, labels: label_range, value, timestamp_ms, exemplar })
+}
+
+/// What follows a sample's series on its line: the value, the timestamp if any, and the
+/// exemplar if any.
+pub(crate) fn parse_tail<'a>(
+    rest: &'a str,
+    number: usize,
+    format: Format,
+) -> Result<(f64, Option<i64>, Option<Box<Exemplar<'a>>>), ParseError> {
     let rest = rest.trim_start_matches([' ', '\t']);
     let (value_text, rest) = rest.split_once([' ', '\t']).unwrap_or((rest, ""));
     let value = parse_value(value_text).ok_or_else(|| ParseError { line: number, message: format!("invalid value {value_text:?}") })?;
     let rest = rest.trim_start_matches([' ', '\t']);
+    if rest.is_empty() {
+        return Ok((value, None, None));
+    }
     // An exemplar follows " # "; a byte search for '#' avoids building a substring searcher
     // for every sample.
     let exemplar_at = rest.find('#').filter(|&i| i > 0 && rest.as_bytes()[i - 1] == b' ' && rest.as_bytes().get(i + 1) == Some(&b' '));
@@ -303,7 +321,7 @@ fn parse_sample<'a>(line: &'a str, number: usize, format: Format, labels: &mut V
         Some(_) => return err(number, "exemplars are only allowed in OpenMetrics"),
         None => None,
     };
-    Ok(Sample { name, labels: label_range, value, timestamp_ms, exemplar })
+    Ok((value, timestamp_ms, exemplar))
 }
 
 /// Parses `name="value",...}` and returns what follows the closing brace.
@@ -368,7 +386,7 @@ fn parse_exemplar<'a>(text: &'a str, number: usize) -> Result<Exemplar<'a>, Pars
     Ok(Exemplar { labels, value, timestamp_ms })
 }
 
-fn parse_value(text: &str) -> Option<f64> {
+pub(crate) fn parse_value(text: &str) -> Option<f64> {
     match text {
         "+Inf" | "Inf" | "+inf" | "inf" => Some(f64::INFINITY),
         "-Inf" | "-inf" => Some(f64::NEG_INFINITY),

@@ -1,39 +1,38 @@
-//! One scrape target: fetch, parse, label, and hand the samples to the metrics pipeline as
-//! OTLP (scope [`SCRAPE_SCOPE`], so exporters keep the names as scraped).
+//! One scrape target: fetch, parse, label, and hand the samples to the exporters as a
+//! [`Scrape`]: the target's series table and one value per series.
 //!
 //! As Prometheus does with `honor_labels: false`: every series gets `job` and `instance`
 //! (the target's `host:port`) and the target's static labels; a scraped label that clashes
 //! with one of these is kept as `exported_<name>`. Every scrape also yields `up`,
 //! `scrape_duration_seconds` and `scrape_samples_scraped`. Series that were in the previous
-//! scrape and are not in this one (or all of them, when the scrape fails) are sent once more
-//! flagged "no recorded value", so exporters drop them: no ghost series.
+//! scrape and are not in this one (or all of them, when the scrape fails) are listed as stale,
+//! so exporters drop them and remote write sends staleness markers: no ghost series.
+//!
+//! Most targets expose the same series, in the same order, scrape after scrape. A target keeps
+//! a [`Template`] of its last body — its comment lines and the bytes of every sample's series —
+//! and reads the next body by comparing bytes and parsing only the values. A body that differs
+//! anywhere is parsed in full and checked as the first was, and becomes the new template.
 
 use ahash::RandomState;
 use flate2::read::GzDecoder;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::{
-    exemplar, metric, number_data_point, summary_data_point::ValueAtQuantile, AggregationTemporality, Exemplar, Gauge,
-    Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, Summary,
-    SummaryDataPoint,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use std::collections::{BTreeMap, HashMap};
-use std::hash::Hash;
-use std::io::Read;
+use std::collections::HashSet;
+use std::borrow::Cow;
+use std::io::Read as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::parse::{self, Exposition, Format, Kind};
 use crate::config::StaticTarget;
-use crate::exporters::prometheus::store::SCRAPE_SCOPE;
-use crate::signal::Metrics;
+use crate::signal::scrape::{Scrape, SeriesTable, TableBuilder};
+use crate::telemetry::exposition::{ExemplarText, Type};
 
 /// Largest body taken from a target, after decompression.
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
-/// Series kept per target; new series beyond it are dropped and counted.
+/// Series kept per target; series beyond it (in the order the target exposes them) are
+/// dropped and counted.
 pub const MAX_SERIES_PER_TARGET: usize = 200_000;
 
 const ACCEPT: &str = "application/openmetrics-text;version=1.0.0;q=0.9,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
-const NO_RECORDED_VALUE: u32 = 1;
 
 /// Why a scrape failed, for the `reason` label and the log.
 #[derive(Debug, thiserror::Error)]
@@ -64,41 +63,158 @@ impl ScrapeError {
 
 /// What one scrape produced.
 pub struct Scraped {
-    pub request: Metrics,
+    pub scrape: Scrape,
     pub samples: usize,
     pub error: Option<ScrapeError>,
-    /// New series left out because the target has [`MAX_SERIES_PER_TARGET`].
+    /// Series left out because the target has more than [`MAX_SERIES_PER_TARGET`].
     pub over_limit: usize,
 }
 
-/// Attributes of a series, sorted by name.
-type Attributes = Vec<(String, String)>;
-
-/// What a series looked like when last sent, so that its staleness marker covers every
-/// sample it had (each bucket, each quantile).
-#[derive(Clone, Debug, PartialEq)]
-enum Shape {
-    Number,
-    Histogram(Vec<f64>),
-    Summary(Vec<f64>),
+/// A line of the template: a comment (or empty) line compared whole, or a sample line whose
+/// series is compared and whose value is parsed.
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    /// End of this line's bytes in [`Template::raw`].
+    end: u32,
+    /// The series index, or [`COMMENT`], or [`SKIP`] for a sample that is not exported
+    /// (`_created`, or over the series limit).
+    series: u32,
 }
 
-/// A series as sent: metric name and sorted attributes.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct SeriesId {
-    metric: String,
-    attributes: Vec<(String, String)>,
+const COMMENT: u32 = u32::MAX;
+const SKIP: u32 = u32::MAX - 1;
+
+/// What the last body that parsed looked like.
+struct Template {
+    format: Format,
+    /// Comment lines and sample series, back to back.
+    raw: Vec<u8>,
+    lines: Vec<Line>,
+    table: Arc<SeriesTable>,
+    /// Samples in the body (`scrape_samples_scraped`).
+    samples: usize,
+    over_limit: usize,
+}
+
+/// What reading a body gave.
+struct Reading {
+    table: Arc<SeriesTable>,
+    values: Vec<f64>,
+    timestamps: Vec<i64>,
+    exemplars: Vec<(u32, ExemplarText)>,
+    samples: usize,
+    over_limit: usize,
+}
+
+impl Template {
+    /// Reads a body with exactly the template's lines: every comment line and every sample's
+    /// series byte for byte, values free. `None` when anything differs or does not parse.
+    fn read(&self, body: &[u8], format: Format) -> Option<Reading> {
+        if format != self.format {
+            return None;
+        }
+        let mut read = Reading {
+            table: self.table.clone(),
+            values: vec![0.0; self.table.len()],
+            timestamps: Vec::new(),
+            exemplars: Vec::new(),
+            samples: self.samples,
+            over_limit: self.over_limit,
+        };
+        let mut pos = 0usize;
+        let mut start = 0usize;
+        for line in &self.lines {
+            let raw = &self.raw[start..line.end as usize];
+            start = line.end as usize;
+            let rest = body.get(pos..)?;
+            if !rest.starts_with(raw) {
+                return None;
+            }
+            let after = pos + raw.len();
+            if line.series == COMMENT {
+                match body.get(after) {
+                    Some(b'\n') => pos = after + 1,
+                    None => pos = after + 1,
+                    Some(_) => return None,
+                }
+                continue;
+            }
+            // The series must end where it ended before: at its closing brace, or at the blank
+            // after its name.
+            if raw.last() != Some(&b'}') && !matches!(body.get(after), Some(b' ' | b'\t')) {
+                return None;
+            }
+            // Most lines end in a lone value: read it in one pass over its bytes.
+            let mut i = after;
+            while matches!(body.get(i), Some(b' ' | b'\t')) {
+                i += 1;
+            }
+            let value_start = i;
+            while let Some(&b) = body.get(i) {
+                if matches!(b, b'\n' | b' ' | b'\t' | b'\r' | b'#') {
+                    break;
+                }
+                i += 1;
+            }
+            if matches!(body.get(i), Some(b'\n') | None) && i > value_start {
+                let value = std::str::from_utf8(&body[value_start..i]).ok().and_then(parse::parse_value)?;
+                if line.series != SKIP {
+                    read.values[line.series as usize] = value;
+                }
+                pos = i + 1;
+                continue;
+            }
+            // A timestamp, an exemplar, or a carriage return: the parser's own way.
+            let eol = memchr::memchr(b'\n', &body[i..]).map_or(body.len(), |n| i + n);
+            let mut tail = &body[after..eol];
+            if format == Format::Text {
+                while let [head @ .., b'\r'] = tail {
+                    tail = head;
+                }
+            }
+            let tail = std::str::from_utf8(tail).ok()?;
+            let (value, timestamp, exemplar) = parse::parse_tail(tail, 0, format).ok()?;
+            if line.series != SKIP {
+                let series = line.series as usize;
+                read.values[series] = value;
+                if let Some(ms) = timestamp {
+                    if read.timestamps.is_empty() {
+                        read.timestamps = vec![0; self.table.len()];
+                    }
+                    read.timestamps[series] = ms;
+                }
+                if let Some(e) = exemplar {
+                    read.exemplars.push((line.series, exemplar_text(&e)));
+                }
+            }
+            pos = eol + 1;
+        }
+        (pos == body.len() + 1).then_some(read)
+    }
+}
+
+fn exemplar_text(e: &parse::Exemplar<'_>) -> ExemplarText {
+    ExemplarText {
+        labels: e.labels.iter().map(|l| (l.name.to_owned(), l.value.clone().into_owned())).collect(),
+        value: e.value,
+        timestamp: e.timestamp_ms.map(|ms| ms as f64 / 1000.0),
+    }
 }
 
 pub struct Target {
     pub job: String,
     pub url: String,
     pub instance: String,
+    job_label: Arc<str>,
+    instance_label: Arc<str>,
     labels: Vec<(String, String)>,
     client: reqwest::Client,
     timeout: Duration,
-    previous: HashMap<u64, (SeriesId, Shape), RandomState>,
-    hasher: RandomState,
+    template: Option<Template>,
+    /// The table of a failed scrape: `up` and the scrape's own series only.
+    down: Option<Arc<SeriesTable>>,
+    /// The table of the last scrape, whose series vanish if the next one lacks them.
+    current: Option<Arc<SeriesTable>>,
 }
 
 /// `host:port` of a URL, as Prometheus names an instance.
@@ -113,29 +229,38 @@ pub fn instance_of(url: &str) -> String {
     }
 }
 
-fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.to_owned())) }),
-        ..Default::default()
-    }
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn now_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+/// The series every scrape adds, in this order, after the target's own.
+const SCRAPE_SERIES: [(&str, &str); 3] = [
+    ("up", "1 if the target answered the last scrape with metrics that parse, 0 if not."),
+    ("scrape_duration_seconds", "How long the last scrape of the target took."),
+    ("scrape_samples_scraped", "Samples the target exposed in the last scrape."),
+];
+
+/// Indexes of `old`'s series that `new` does not have.
+fn vanished(old: &SeriesTable, new: &SeriesTable) -> Vec<u32> {
+    let kept: HashSet<&[u8], RandomState> = (0..new.len()).map(|i| new.encoded_labels(i)).collect();
+    (0..old.len()).filter(|&i| !kept.contains(old.encoded_labels(i))).map(|i| i as u32).collect()
 }
 
 impl Target {
     pub fn new(config: &StaticTarget, client: reqwest::Client, timeout: Duration) -> Target {
+        let instance = instance_of(&config.url);
         Target {
             job: config.job.clone(),
             url: config.url.clone(),
-            instance: instance_of(&config.url),
+            job_label: config.job.as_str().into(),
+            instance_label: instance.as_str().into(),
+            instance,
             labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             client,
             timeout,
-            previous: HashMap::with_hasher(RandomState::new()),
-            hasher: RandomState::new(),
+            template: None,
+            down: None,
+            current: None,
         }
     }
 
@@ -201,392 +326,193 @@ impl Target {
     /// Scrapes once.
     pub async fn scrape(&mut self) -> Scraped {
         let started = Instant::now();
-        let fetched = self.fetch().await;
-        let time = now_nanos();
-        let mut builder = Builder::new(time);
-        let mut over_limit = 0;
-        let (samples, error) = match fetched {
-            Ok((body, format)) => match std::str::from_utf8(&body) {
-                Ok(text) => match parse::parse(text, format) {
-                    Ok(exposition) => {
-                        over_limit = self.convert(&exposition, &mut builder);
-                        (exposition.samples.len(), None)
-                    }
-                    Err(e) => (0, Some(ScrapeError::Parse { url: self.url.clone(), message: e.to_string() })),
-                },
-                Err(e) => (0, Some(ScrapeError::Parse { url: self.url.clone(), message: format!("body is not UTF-8: {e}") })),
-            },
-            Err(e) => (0, Some(e)),
+        let time_ms = now_ms();
+        let read = match self.fetch().await {
+            Ok((body, format)) => self.read(&body, format),
+            Err(e) => Err(e),
         };
-        if error.is_some() {
-            builder.clear();
-        }
-        let target = self.target_attributes();
-        let up = if error.is_none() { 1.0 } else { 0.0 };
-        builder.gauge("up", &target, up, Kind::Gauge);
-        builder.gauge("scrape_duration_seconds", &target, started.elapsed().as_secs_f64(), Kind::Gauge);
-        builder.gauge("scrape_samples_scraped", &target, samples as f64, Kind::Gauge);
-
-        // Staleness: what was there last time and is not now.
-        let mut current: HashMap<u64, (SeriesId, Shape), RandomState> =
-            HashMap::with_capacity_and_hasher(builder.ids.len(), RandomState::new());
-        for (id, shape) in builder.ids.drain(..) {
-            current.insert(self.hash(&id), (id, shape));
-        }
-        for (hash, (id, shape)) in &self.previous {
-            if !current.contains_key(hash) {
-                builder.stale(id, shape);
+        let (mut read, error) = match read {
+            Ok(read) => (read, None),
+            Err(e) => {
+                let table = self.down_table();
+                let values = vec![0.0; table.len()];
+                (Reading { table, values, timestamps: Vec::new(), exemplars: Vec::new(), samples: 0, over_limit: 0 }, Some(e))
             }
+        };
+        let n = read.values.len();
+        read.values[n - 3] = if error.is_none() { 1.0 } else { 0.0 };
+        read.values[n - 2] = started.elapsed().as_secs_f64();
+        read.values[n - 1] = read.samples as f64;
+        let stale = match self.current.replace(read.table.clone()) {
+            Some(old) if !Arc::ptr_eq(&old, &read.table) => {
+                let gone = vanished(&old, &read.table);
+                (!gone.is_empty()).then_some((old, gone))
+            }
+            _ => None,
+        };
+        let scrape = Scrape {
+            job: self.job_label.clone(),
+            instance: self.instance_label.clone(),
+            table: read.table,
+            values: read.values,
+            timestamps: read.timestamps,
+            time_ms,
+            exemplars: read.exemplars,
+            stale,
+        };
+        Scraped { scrape, samples: read.samples, error, over_limit: read.over_limit }
+    }
+
+    /// Reads one body as a scrape does (by the template when it still fits, else in full),
+    /// without fetching it: the samples it held. For benchmarks.
+    pub fn read_body(&mut self, body: &[u8], format: Format) -> Result<usize, ScrapeError> {
+        let reading = self.read(body, format)?;
+        self.current = Some(reading.table.clone());
+        Ok(reading.samples)
+    }
+
+    /// Whether the next body like the last one will be read by the template.
+    pub fn has_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Reads a body: by the template when it still fits, else parsed in full.
+    fn read(&mut self, body: &[u8], format: Format) -> Result<Reading, ScrapeError> {
+        if let Some(read) = self.template.as_ref().and_then(|t| t.read(body, format)) {
+            return Ok(read);
         }
-        self.previous = current;
-        Scraped { request: builder.finish(&self.job, &self.instance), samples, error, over_limit }
-    }
-
-    fn hash(&self, id: &SeriesId) -> u64 {
-        self.hasher.hash_one(id)
-    }
-
-    /// The labels every series of this target carries as attributes (job and instance travel
-    /// on the resource).
-    fn target_attributes(&self) -> Vec<(String, String)> {
-        self.labels.clone()
-    }
-
-    /// A scraped label set with clashing names renamed and the target's labels added.
-    fn attributes(&self, exposition: &Exposition<'_>, labels: std::ops::Range<usize>, skip: Option<&str>) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = Vec::with_capacity(labels.len() + self.labels.len());
-        for label in &exposition.labels[labels] {
-            if Some(label.name) == skip {
+        let parse_error = |message: String| ScrapeError::Parse { url: self.url.clone(), message };
+        let text = std::str::from_utf8(body).map_err(|e| parse_error(format!("body is not UTF-8: {e}")))?;
+        let exposition = parse::parse(text, format).map_err(|e| parse_error(e.to_string()))?;
+        let (table, series_of, over_limit) = self.table(&exposition);
+        // The same series as before (only values or comments changed): keep the table, so
+        // that nothing downstream sees a change.
+        let table = match &self.current {
+            Some(current) if current.same_series(&table) => current.clone(),
+            _ => Arc::new(table),
+        };
+        let mut read = Reading {
+            table: table.clone(),
+            values: vec![0.0; table.len()],
+            timestamps: Vec::new(),
+            exemplars: Vec::new(),
+            samples: exposition.samples.len(),
+            over_limit,
+        };
+        for (sample, &series) in exposition.samples.iter().zip(&series_of) {
+            if series == SKIP {
                 continue;
             }
-            let clashes = label.name == "job" || label.name == "instance" || self.labels.iter().any(|(k, _)| k == label.name);
-            let name = if clashes { format!("exported_{}", label.name) } else { label.name.to_owned() };
-            out.push((name, label.value.clone().into_owned()));
+            read.values[series as usize] = sample.value;
+            if let Some(ms) = sample.timestamp_ms {
+                if read.timestamps.is_empty() {
+                    read.timestamps = vec![0; table.len()];
+                }
+                read.timestamps[series as usize] = ms;
+            }
+            if let Some(e) = &sample.exemplar {
+                read.exemplars.push((series, exemplar_text(e)));
+            }
         }
-        out.extend(self.labels.iter().cloned());
-        out.sort();
-        out
+        read.exemplars.sort_by_key(|(i, _)| *i);
+        self.template = template(text, format, &exposition, &series_of).map(|(raw, lines)| Template {
+            format,
+            raw,
+            lines,
+            table,
+            samples: read.samples,
+            over_limit,
+        });
+        Ok(read)
     }
 
-    /// Returns how many new series were left out over the per-target limit.
-    fn convert(&mut self, exposition: &Exposition<'_>, builder: &mut Builder) -> usize {
+    /// The series of a parsed body, labelled for this target, and each sample's series index
+    /// (or [`SKIP`]).
+    fn table(&self, exposition: &Exposition<'_>) -> (SeriesTable, Vec<u32>, usize) {
+        let mut builder = TableBuilder::with_capacity(exposition.samples.len() + SCRAPE_SERIES.len());
+        let mut series_of = vec![SKIP; exposition.samples.len()];
         let mut over_limit = 0;
-        let known = self.previous.len();
-        let mut admitted = 0usize;
-        let mut admit = |target: &Target, id: &SeriesId| -> bool {
-            if target.previous.contains_key(&target.hash(id)) {
-                return true;
-            }
-            if known + admitted < MAX_SERIES_PER_TARGET {
-                admitted += 1;
-                true
-            } else {
-                over_limit += 1;
-                false
-            }
-        };
+        let mut pairs: Vec<(Cow<'_, str>, &str)> = Vec::new();
         for family in &exposition.families {
-            let samples = &exposition.samples[family.samples.clone()];
             let help = family.help.as_deref().unwrap_or("");
-            match family.kind {
-                Kind::Histogram => {
-                    let mut groups: BTreeMap<Vec<(String, String)>, HistogramDataPoint> = BTreeMap::new();
-                    let mut buckets: BTreeMap<Attributes, Vec<(f64, f64)>> = BTreeMap::new();
-                    let mut examples: BTreeMap<Attributes, Vec<Exemplar>> = BTreeMap::new();
-                    for s in samples {
-                        let suffix = &s.name[family.name.len()..];
-                        let skip = if suffix == "_bucket" { Some("le") } else { None };
-                        let attributes = self.attributes(exposition, s.labels.clone(), skip);
-                        let point = groups.entry(attributes.clone()).or_default();
-                        match suffix {
-                            "_bucket" => {
-                                let le = exposition.labels[s.labels.clone()]
-                                    .iter()
-                                    .find(|l| l.name == "le")
-                                    .and_then(|l| parse_le(&l.value));
-                                if let Some(e) = &s.exemplar {
-                                    examples.entry(attributes.clone()).or_default().push(otlp_exemplar(e, builder.time));
-                                }
-                                if let Some(le) = le {
-                                    buckets.entry(attributes).or_default().push((le, s.value));
-                                }
-                            }
-                            "_sum" => point.sum = Some(s.value),
-                            "_count" => point.count = s.value.max(0.0) as u64,
-                            _ => {}
-                        }
-                    }
-                    for (attributes, mut point) in groups {
-                        let id = SeriesId { metric: family.name.to_owned(), attributes };
-                        if !admit(self, &id) {
-                            continue;
-                        }
-                        let mut cumulative = buckets.remove(&id.attributes).unwrap_or_default();
-                        cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
-                        let mut previous = 0.0;
-                        for (le, count) in cumulative {
-                            if le.is_infinite() {
-                                point.bucket_counts.push((count - previous).max(0.0) as u64);
-                                previous = count;
-                                continue;
-                            }
-                            point.explicit_bounds.push(le);
-                            point.bucket_counts.push((count - previous).max(0.0) as u64);
-                            previous = count;
-                        }
-                        if point.bucket_counts.len() == point.explicit_bounds.len() {
-                            point.bucket_counts.push((point.count as f64 - previous).max(0.0) as u64);
-                        }
-                        point.exemplars = examples.remove(&id.attributes).unwrap_or_default();
-                        builder.histogram(id, help, point);
-                    }
+            for k in family.samples.clone() {
+                let sample = &exposition.samples[k];
+                let created = sample.name.ends_with("_created") && matches!(family.kind, Kind::Counter | Kind::Histogram | Kind::Summary);
+                if created {
+                    continue;
                 }
-                Kind::Summary => {
-                    let mut groups: BTreeMap<Vec<(String, String)>, SummaryDataPoint> = BTreeMap::new();
-                    for s in samples {
-                        let suffix = &s.name[family.name.len()..];
-                        let quantile = exposition.labels[s.labels.clone()].iter().find(|l| l.name == "quantile");
-                        let skip = if suffix.is_empty() { Some("quantile") } else { None };
-                        let point = groups.entry(self.attributes(exposition, s.labels.clone(), skip)).or_default();
-                        match suffix {
-                            "" => {
-                                if let Some(q) = quantile.and_then(|q| q.value.parse::<f64>().ok()) {
-                                    point.quantile_values.push(ValueAtQuantile { quantile: q, value: s.value });
-                                }
-                            }
-                            "_sum" => point.sum = s.value,
-                            "_count" => point.count = s.value.max(0.0) as u64,
-                            _ => {}
-                        }
-                    }
-                    for (attributes, point) in groups {
-                        let id = SeriesId { metric: family.name.to_owned(), attributes };
-                        if admit(self, &id) {
-                            builder.summary(id, help, point);
-                        }
-                    }
+                if builder.len() >= MAX_SERIES_PER_TARGET {
+                    over_limit += 1;
+                    continue;
                 }
-                kind => {
-                    for s in samples {
-                        if s.name.ends_with("_created") && kind == Kind::Counter {
-                            continue;
-                        }
-                        let id = SeriesId { metric: s.name.to_owned(), attributes: self.attributes(exposition, s.labels.clone(), None) };
-                        if admit(self, &id) {
-                            let exemplar = s.exemplar.as_deref().map(|e| otlp_exemplar(e, builder.time));
-                            builder.number(id, help, s.value, kind, exemplar, s.timestamp_ms);
-                        }
-                    }
-                }
-            }
-        }
-        over_limit
-    }
-}
-
-/// A scraped exemplar as an OTLP one: `trace_id` / `span_id` labels as ids when they are hex
-/// of the right length, the other labels as filtered attributes.
-fn otlp_exemplar(e: &parse::Exemplar<'_>, scrape_time: u64) -> Exemplar {
-    let mut out = Exemplar {
-        time_unix_nano: e.timestamp_ms.map_or(scrape_time, |ms| (ms.max(0) as u64) * 1_000_000),
-        value: Some(exemplar::Value::AsDouble(e.value)),
-        ..Default::default()
-    };
-    for label in &e.labels {
-        let bytes = hex_bytes(&label.value);
-        match (label.name, bytes) {
-            ("trace_id", Some(b)) if b.len() == 16 => out.trace_id = b,
-            ("span_id", Some(b)) if b.len() == 8 => out.span_id = b,
-            _ => out.filtered_attributes.push(kv(label.name, &label.value)),
-        }
-    }
-    out
-}
-
-fn hex_bytes(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
-}
-
-fn parse_le(text: &str) -> Option<f64> {
-    match text {
-        "+Inf" | "Inf" | "inf" | "+inf" => Some(f64::INFINITY),
-        other => other.parse().ok(),
-    }
-}
-
-/// Collects one scrape's OTLP metrics.
-struct Builder {
-    time: u64,
-    metrics: Vec<Metric>,
-    index: HashMap<String, usize>,
-    ids: Vec<(SeriesId, Shape)>,
-}
-
-fn attributes_kv(attributes: &[(String, String)]) -> Vec<KeyValue> {
-    attributes.iter().map(|(k, v)| kv(k, v)).collect()
-}
-
-impl Builder {
-    fn new(time: u64) -> Self {
-        Builder { time, metrics: Vec::new(), index: HashMap::new(), ids: Vec::new() }
-    }
-
-    fn clear(&mut self) {
-        self.metrics.clear();
-        self.index.clear();
-        self.ids.clear();
-    }
-
-    fn metric(&mut self, name: &str, help: &str, empty: impl FnOnce() -> metric::Data) -> &mut metric::Data {
-        let index = match self.index.get(name) {
-            Some(&i) => i,
-            None => {
-                self.metrics.push(Metric { name: name.to_owned(), description: help.to_owned(), data: Some(empty()), ..Default::default() });
-                self.index.insert(name.to_owned(), self.metrics.len() - 1);
-                self.metrics.len() - 1
-            }
-        };
-        // Every metric was created with data.
-        self.metrics[index].data.get_or_insert_with(|| metric::Data::Gauge(Gauge::default()))
-    }
-
-    fn number_point(&self, attributes: &[(String, String)], value: f64, flags: u32) -> NumberDataPoint {
-        NumberDataPoint {
-            attributes: attributes_kv(attributes),
-            time_unix_nano: self.time,
-            value: Some(number_data_point::Value::AsDouble(value)),
-            flags,
-            ..Default::default()
-        }
-    }
-
-    /// A sample at the scrape's time, or at the time the target gave it (as Prometheus
-    /// honours exposed timestamps).
-    fn number(&mut self, id: SeriesId, help: &str, value: f64, kind: Kind, exemplar: Option<Exemplar>, timestamp_ms: Option<i64>) {
-        let mut point = self.number_point(&id.attributes, value, 0);
-        point.exemplars.extend(exemplar);
-        if let Some(ms) = timestamp_ms.filter(|&ms| ms > 0) {
-            point.time_unix_nano = ms as u64 * 1_000_000;
-        }
-        match self.metric(&id.metric, help, || data_for(kind)) {
-            metric::Data::Sum(sum) => sum.data_points.push(point),
-            metric::Data::Gauge(gauge) => gauge.data_points.push(point),
-            _ => {}
-        }
-        self.ids.push((id, Shape::Number));
-    }
-
-    fn gauge(&mut self, name: &str, attributes: &[(String, String)], value: f64, kind: Kind) {
-        let id = SeriesId { metric: name.to_owned(), attributes: attributes.to_vec() };
-        self.number(id, "", value, kind, None, None);
-    }
-
-    fn histogram(&mut self, id: SeriesId, help: &str, mut point: HistogramDataPoint) {
-        point.attributes = attributes_kv(&id.attributes);
-        point.time_unix_nano = self.time;
-        let shape = Shape::Histogram(point.explicit_bounds.clone());
-        if let metric::Data::Histogram(h) = self.metric(&id.metric, help, histogram_data) {
-            h.data_points.push(point);
-        }
-        self.ids.push((id, shape));
-    }
-
-    fn summary(&mut self, id: SeriesId, help: &str, mut point: SummaryDataPoint) {
-        point.attributes = attributes_kv(&id.attributes);
-        point.time_unix_nano = self.time;
-        let shape = Shape::Summary(point.quantile_values.iter().map(|q| q.quantile).collect());
-        if let metric::Data::Summary(s) = self.metric(&id.metric, help, || metric::Data::Summary(Summary::default())) {
-            s.data_points.push(point);
-        }
-        self.ids.push((id, shape));
-    }
-
-    /// A "no recorded value" point for a series that is gone, shaped as it was (buckets,
-    /// quantiles), so every sample it had is marked.
-    fn stale(&mut self, id: &SeriesId, shape: &Shape) {
-        let point = self.number_point(&id.attributes, f64::NAN, NO_RECORDED_VALUE);
-        let time = self.time;
-        let empty = || match shape {
-            Shape::Number => metric::Data::Gauge(Gauge::default()),
-            Shape::Histogram(_) => histogram_data(),
-            Shape::Summary(_) => metric::Data::Summary(Summary::default()),
-        };
-        match (self.metric(&id.metric, "", empty), shape) {
-            (metric::Data::Sum(sum), _) => sum.data_points.push(point),
-            (metric::Data::Gauge(gauge), _) => gauge.data_points.push(point),
-            (metric::Data::Histogram(h), shape) => {
-                let bounds = match shape {
-                    Shape::Histogram(bounds) => bounds.clone(),
-                    _ => Vec::new(),
+                let (render, kind) = match family.kind {
+                    Kind::Histogram => (family.name, Type::Histogram),
+                    Kind::Summary => (family.name, Type::Summary),
+                    Kind::Counter => (sample.name, Type::Counter),
+                    _ => (sample.name, Type::Gauge),
                 };
-                h.data_points.push(HistogramDataPoint {
-                    attributes: point.attributes,
-                    time_unix_nano: time,
-                    bucket_counts: vec![0; bounds.len() + 1],
-                    explicit_bounds: bounds,
-                    flags: NO_RECORDED_VALUE,
-                    ..Default::default()
-                })
+                pairs.clear();
+                for label in exposition.labels_of(sample) {
+                    let name = if self.clashes(label.name) { Cow::Owned(format!("exported_{}", label.name)) } else { Cow::Borrowed(label.name) };
+                    pairs.push((name, &label.value));
+                }
+                self.target_labels(&mut pairs);
+                series_of[k] = builder.push((render, help, kind), sample.name, &pairs);
             }
-            (metric::Data::Summary(s), shape) => {
-                let quantile_values = match shape {
-                    Shape::Summary(quantiles) => {
-                        quantiles.iter().map(|&quantile| ValueAtQuantile { quantile, value: f64::NAN }).collect()
-                    }
-                    _ => Vec::new(),
-                };
-                s.data_points.push(SummaryDataPoint {
-                    attributes: point.attributes,
-                    time_unix_nano: time,
-                    quantile_values,
-                    flags: NO_RECORDED_VALUE,
-                    ..Default::default()
-                })
-            }
-            (metric::Data::ExponentialHistogram(_), _) => {}
         }
+        for (name, help) in SCRAPE_SERIES {
+            pairs.clear();
+            self.target_labels(&mut pairs);
+            builder.push((name, help, Type::Gauge), name, &pairs);
+        }
+        (builder.finish(), series_of, over_limit)
     }
 
-    fn finish(self, job: &str, instance: &str) -> Metrics {
-        Metrics {
-            resource_metrics: vec![ResourceMetrics {
-                resource: Some(Resource {
-                    attributes: vec![kv("service.name", job), kv("service.instance.id", instance)],
-                    ..Default::default()
-                }),
-                scope_metrics: vec![ScopeMetrics {
-                    scope: Some(InstrumentationScope { name: SCRAPE_SCOPE.to_owned(), ..Default::default() }),
-                    metrics: self.metrics,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
+    fn clashes(&self, name: &str) -> bool {
+        name == "job" || name == "instance" || self.labels.iter().any(|(k, _)| k == name)
+    }
+
+    fn target_labels<'a>(&'a self, pairs: &mut Vec<(Cow<'a, str>, &'a str)>) {
+        pairs.extend(self.labels.iter().map(|(k, v)| (Cow::Borrowed(k.as_str()), v.as_str())));
+        pairs.push((Cow::Borrowed("job"), &self.job));
+        pairs.push((Cow::Borrowed("instance"), &self.instance));
+    }
+
+    fn down_table(&mut self) -> Arc<SeriesTable> {
+        if let Some(down) = &self.down {
+            return down.clone();
         }
+        let (table, _, _) = self.table(&Exposition::default());
+        let table = Arc::new(table);
+        self.down = Some(table.clone());
+        table
     }
 }
 
-fn histogram_data() -> metric::Data {
-    metric::Data::Histogram(Histogram { data_points: Vec::new(), aggregation_temporality: AggregationTemporality::Cumulative as i32 })
-}
-
-fn data_for(kind: Kind) -> metric::Data {
-    match kind {
-        Kind::Counter => metric::Data::Sum(Sum {
-            data_points: Vec::new(),
-            aggregation_temporality: AggregationTemporality::Cumulative as i32,
-            is_monotonic: true,
-        }),
-        _ => metric::Data::Gauge(Gauge::default()),
+/// The template of a body that parsed: its lines as [`parse::parse`] splits them.
+fn template(text: &str, format: Format, exposition: &Exposition<'_>, series_of: &[u32]) -> Option<(Vec<u8>, Vec<Line>)> {
+    let mut raw = Vec::with_capacity(text.len() / 2);
+    let mut lines = Vec::with_capacity(exposition.samples.len() + exposition.families.len() * 2 + 1);
+    let mut k = 0;
+    for piece in text.split('\n') {
+        let line = if format == Format::Text { piece.trim_end_matches('\r') } else { piece };
+        if line.is_empty() || line.starts_with('#') {
+            raw.extend_from_slice(piece.as_bytes());
+            lines.push(Line { end: u32::try_from(raw.len()).ok()?, series: COMMENT });
+            continue;
+        }
+        let sample = exposition.samples.get(k)?;
+        raw.extend_from_slice(line.get(..sample.key_len)?.as_bytes());
+        lines.push(Line { end: u32::try_from(raw.len()).ok()?, series: series_of[k] });
+        k += 1;
     }
+    (k == exposition.samples.len()).then_some((raw, lines))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     /// Serves whatever body the test puts in, as text format 0.0.4.
     async fn serve(body: Arc<Mutex<String>>) -> String {
@@ -612,31 +538,36 @@ mod tests {
         Target::new(&config, crate::sources::prometheus::client().unwrap(), Duration::from_secs(5))
     }
 
-    fn points(request: &Metrics) -> Vec<(String, Attributes, f64, u32)> {
-        let mut out = Vec::new();
-        for m in &request.resource_metrics[0].scope_metrics[0].metrics {
-            let number_points = match &m.data {
-                Some(metric::Data::Gauge(g)) => &g.data_points,
-                Some(metric::Data::Sum(s)) => &s.data_points,
-                _ => continue,
-            };
-            for p in number_points {
-                let attributes = p
-                    .attributes
-                    .iter()
-                    .map(|kv| (kv.key.clone(), match &kv.value.as_ref().and_then(|v| v.value.clone()) {
-                        Some(any_value::Value::StringValue(s)) => s.clone(),
-                        _ => String::new(),
-                    }))
-                    .collect();
-                let value = match p.value {
-                    Some(number_data_point::Value::AsDouble(d)) => d,
-                    _ => 0.0,
-                };
-                out.push((m.name.clone(), attributes, value, p.flags));
+    type Sample = (String, Vec<(String, String)>, f64);
+
+    fn series(table: &SeriesTable, i: usize) -> (String, Vec<(String, String)>) {
+        let mut name = String::new();
+        let mut labels = Vec::new();
+        for (k, v) in table.labels(i) {
+            if k == "__name__" {
+                name = v.to_owned();
+            } else {
+                labels.push((k.to_owned(), v.to_owned()));
             }
         }
-        out
+        (name, labels)
+    }
+
+    fn samples(scrape: &Scrape) -> Vec<Sample> {
+        (0..scrape.values.len())
+            .map(|i| {
+                let (name, labels) = series(&scrape.table, i);
+                (name, labels, scrape.values[i])
+            })
+            .collect()
+    }
+
+    fn stale(scrape: &Scrape) -> Vec<(String, Vec<(String, String)>)> {
+        scrape.stale.iter().flat_map(|(table, gone)| gone.iter().map(|&i| series(table, i as usize))).collect()
+    }
+
+    fn value(got: &[Sample], name: &str) -> f64 {
+        got.iter().find(|s| s.0 == name).unwrap_or_else(|| panic!("no {name} in {got:?}")).2
     }
 
     #[tokio::test]
@@ -647,40 +578,109 @@ mod tests {
         let scraped = target.scrape().await;
         assert!(scraped.error.is_none());
         assert_eq!(scraped.samples, 2);
-        let got = points(&scraped.request);
+        let got = samples(&scraped.scrape);
         let a = got.iter().find(|p| p.0 == "hits_total" && p.2 == 3.0).unwrap();
-        assert_eq!(a.1, vec![("exported_team".into(), "x".into()), ("path".into(), "/a".into()), ("team".into(), "video".into())]);
-        assert!(got.iter().any(|p| p.0 == "up" && p.2 == 1.0));
-        assert!(got.iter().any(|p| p.0 == "scrape_samples_scraped" && p.2 == 2.0));
+        let instance = instance_of(&url);
+        let expected: Vec<(String, String)> = [("exported_team", "x"), ("instance", instance.as_str()), ("job", "svc"), ("path", "/a"), ("team", "video")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(a.1, expected);
+        assert_eq!(value(&got, "up"), 1.0);
+        assert_eq!(value(&got, "scrape_samples_scraped"), 2.0);
+        assert!(scraped.scrape.stale.is_none());
 
         *body.lock().unwrap() = "hits_total{path=\"/b\"} 5\n".to_owned();
-        let got = points(&target.scrape().await.request);
-        let stale: Vec<_> = got.iter().filter(|p| p.3 == NO_RECORDED_VALUE).collect();
-        assert_eq!(stale.len(), 1, "{got:?}");
-        assert_eq!(stale[0].1[1], ("path".to_owned(), "/a".to_owned()));
+        let scraped = target.scrape().await;
+        let gone = stale(&scraped.scrape);
+        assert_eq!(gone.len(), 1, "{gone:?}");
+        assert!(gone[0].1.contains(&("path".to_owned(), "/a".to_owned())), "{gone:?}");
 
         *body.lock().unwrap() = "hits_total{path=\"/b\"} 5\nhits_total{path=\"/b\"} 6\n".to_owned();
         let scraped = target.scrape().await;
         let error = scraped.error.expect("a duplicate series fails the scrape");
         assert_eq!(error.reason(), "parse");
         assert!(error.to_string().contains("line 2: duplicate series"), "{error}");
-        let got = points(&scraped.request);
-        assert!(got.iter().any(|p| p.0 == "up" && p.2 == 0.0));
-        assert!(got.iter().any(|p| p.0 == "hits_total" && p.3 == NO_RECORDED_VALUE), "a failed scrape makes everything stale");
+        let got = samples(&scraped.scrape);
+        assert_eq!(value(&got, "up"), 0.0);
+        assert!(got.iter().all(|s| s.0 != "hits_total"));
+        assert!(stale(&scraped.scrape).iter().any(|s| s.0 == "hits_total"), "a failed scrape makes everything stale");
     }
 
     #[tokio::test]
-    async fn histograms_become_otlp_histograms() {
-        let body = Arc::new(Mutex::new(
-            "# TYPE rpc histogram\nrpc_bucket{le=\"0.1\"} 2\nrpc_bucket{le=\"1\"} 5\nrpc_bucket{le=\"+Inf\"} 6\nrpc_sum 3.5\nrpc_count 6\n".to_owned(),
-        ));
-        let url = serve(body).await;
-        let scraped = target(&url).scrape().await;
-        let metric = scraped.request.resource_metrics[0].scope_metrics[0].metrics.iter().find(|m| m.name == "rpc").unwrap();
-        let Some(metric::Data::Histogram(h)) = &metric.data else { panic!("not a histogram") };
-        assert_eq!(h.data_points[0].explicit_bounds, vec![0.1, 1.0]);
-        assert_eq!(h.data_points[0].bucket_counts, vec![2, 3, 1]);
-        assert_eq!((h.data_points[0].sum, h.data_points[0].count), (Some(3.5), 6));
+    async fn an_unchanged_exposition_is_read_by_its_template_and_a_changed_one_in_full() {
+        let exposition = |a: &str, b: &str| {
+            format!(
+                "# HELP rpc Latency.\n# TYPE rpc histogram\nrpc_bucket{{le=\"0.1\"}} {a}\nrpc_bucket{{le=\"+Inf\"}} {b}\nrpc_sum 3.5\nrpc_count {b}\n\
+                 # TYPE temp gauge\ntemp{{room=\"a b\"}} -1.5e+01 1700000000000\n"
+            )
+        };
+        let body = Arc::new(Mutex::new(exposition("2", "6")));
+        let url = serve(body.clone()).await;
+        let mut target = target(&url);
+        let first = target.scrape().await;
+        assert!(first.error.is_none(), "{:?}", first.error);
+        assert!(target.template.is_some(), "a body that parses becomes the template");
+
+        *body.lock().unwrap() = exposition("4", "9");
+        let second = target.scrape().await;
+        assert!(Arc::ptr_eq(&first.scrape.table, &second.scrape.table), "same series, same table");
+        let got = samples(&second.scrape);
+        let rpc: Vec<f64> = got.iter().filter(|s| s.0.starts_with("rpc")).map(|s| s.2).collect();
+        assert_eq!(rpc, [4.0, 9.0, 3.5, 9.0]);
+        assert_eq!(value(&got, "temp"), -15.0);
+        let temp = got.iter().position(|s| s.0 == "temp").unwrap();
+        assert_eq!(second.scrape.time_of(temp), 1_700_000_000_000);
+        assert_eq!(second.scrape.table.families().iter().map(|f| (&*f.name, f.kind)).collect::<Vec<_>>(), [
+            ("rpc", Type::Histogram),
+            ("temp", Type::Gauge),
+            ("up", Type::Gauge),
+            ("scrape_duration_seconds", Type::Gauge),
+            ("scrape_samples_scraped", Type::Gauge),
+        ]);
+
+        // A value the template reads but that does not parse: the full parse says why.
+        *body.lock().unwrap() = exposition("4", "x");
+        let bad = target.scrape().await;
+        assert!(bad.error.as_ref().is_some_and(|e| e.to_string().contains("line 4: invalid value")), "{:?}", bad.error);
+
+        // A new series: parsed in full, a new table, nothing stale.
+        *body.lock().unwrap() = exposition("5", "10") + "temp{room=\"c\"} 20\n";
+        let grown = target.scrape().await;
+        assert!(grown.error.is_none());
+        assert!(!Arc::ptr_eq(&first.scrape.table, &grown.scrape.table));
+        assert_eq!(grown.scrape.values.len(), first.scrape.values.len() + 1);
+        let temps: Vec<f64> = samples(&grown.scrape).iter().filter(|s| s.0 == "temp").map(|s| s.2).collect();
+        assert_eq!(temps, [-15.0, 20.0]);
+        assert!(grown.scrape.stale.is_none() || stale(&grown.scrape).is_empty());
+    }
+
+    #[test]
+    fn templates_demand_every_byte_of_the_series() {
+        let text = "# TYPE a counter\na_total 1\nb{x=\"1\"} 2 # {trace_id=\"ab\"} 1\n";
+        let exposition = parse::parse(text, Format::OpenMetrics);
+        assert!(exposition.is_err(), "no # EOF");
+        let text = "# TYPE a counter\na_total 1\nb{x=\"1\"} 2\n";
+        let exposition = parse::parse(text, Format::Text).unwrap();
+        let target = target("http://127.0.0.1:1/metrics");
+        let (table, series_of, _) = target.table(&exposition);
+        let (raw, lines) = template(text, Format::Text, &exposition, &series_of).unwrap();
+        let template = Template { format: Format::Text, raw, lines, table: Arc::new(table), samples: 2, over_limit: 0 };
+        let read = |body: &str| template.read(body.as_bytes(), Format::Text).map(|r| r.values);
+        assert_eq!(read("# TYPE a counter\na_total 7\nb{x=\"1\"} 8\n").unwrap()[..2], [7.0, 8.0]);
+        assert_eq!(read("# TYPE a counter\na_total\t7\r\nb{x=\"1\"}9\n").unwrap()[..2], [7.0, 9.0]);
+        for different in [
+            "# TYPE a counter\na_total_x 7\nb{x=\"1\"} 8\n",
+            "# TYPE a counter\na_total 7\nb{x=\"12\"} 8\n",
+            "# TYPE a counter\na_total 7\nb{x=\"1\"} 8\nc 1\n",
+            "# TYPE a counter\na_total 7\nb{x=\"1\"} 8",
+            "# TYPE a gauge\na_total 7\nb{x=\"1\"} 8\n",
+            "# TYPE a counter\na_total 7\n",
+            "# TYPE a counter\na_total 7\nb{x=\"1\"} 8 # {a=\"b\"} 1\n",
+        ] {
+            assert!(read(different).is_none(), "{different:?}");
+        }
+        assert!(template.read(b"# TYPE a counter\na_total 7\nb{x=\"1\"} 8\n", Format::OpenMetrics).is_none());
     }
 
     #[test]
