@@ -438,15 +438,23 @@ SECTION=$RUN/section.md
   echo
   # shellcheck disable=SC2154 # from parse.report
   echo "Parsing the $SERIES-series exposition ($(awk -v b="$text_bytes" 'BEGIN { printf "%.1f", b / 1e6 }') MB as text):"
-  echo "Periscope's parser in process (\`scrape-bench\`, median of repeated parses); Prometheus' parser"
+  echo "Periscope in process (\`scrape-bench\`, median of repeated reads): a scrape whose series are those of the"
+  echo "previous scrape (the usual case, read by the target's template), the parser alone, and a first scrape;"
+  echo "Prometheus' parser"
   echo "(package \`model/textparse\`) inside the agent during the passes below, from its CPU profile."
   echo
   echo "| parser | format | CPU ms per parse | M samples per CPU-s | MB per CPU-s | target: 20M samples per CPU-s |"
   echo "|---|---|---:|---:|---:|---|"
   # shellcheck disable=SC2154 # from parse.report
-  parse_row periscope "text 0.0.4" "$text_bytes" "$text_samples_per_cpu_s"
+  parse_row "periscope, scrape of unchanged series (template)" "text 0.0.4" "$text_bytes" "$text_template_samples_per_cpu_s"
   # shellcheck disable=SC2154 # from parse.report
-  parse_row periscope "OpenMetrics 1.0" "$openmetrics_bytes" "$openmetrics_samples_per_cpu_s"
+  parse_row "periscope, scrape of unchanged series (template)" "OpenMetrics 1.0" "$openmetrics_bytes" "$openmetrics_template_samples_per_cpu_s"
+  # shellcheck disable=SC2154 # from parse.report
+  parse_row "periscope, full parse" "text 0.0.4" "$text_bytes" "$text_samples_per_cpu_s" "(part of a first scrape)"
+  # shellcheck disable=SC2154 # from parse.report
+  parse_row "periscope, full parse" "OpenMetrics 1.0" "$openmetrics_bytes" "$openmetrics_samples_per_cpu_s" "(part of a first scrape)"
+  # shellcheck disable=SC2154 # from parse.report
+  parse_row "periscope, first scrape (full parse, series table, template)" "text 0.0.4" "$text_bytes" "$text_first_samples_per_cpu_s" "(once per change of series)"
   if [ -n "$PEER_RATE" ]; then
     parse_row "prometheus $PROMETHEUS_VERSION" "text 0.0.4" "$text_bytes" "$PEER_RATE" "(peer)"
   fi

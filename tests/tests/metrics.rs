@@ -892,6 +892,14 @@ async fn host_metrics_have_node_exporters_names_labels_and_values() {
             problems.push(format!("{family}: the agent has no series"));
         }
     }
+    // Every diskstats family node_exporter has, the agent has too (the kernel decides which
+    // exist); the udev-based ones (`_info`, `ata_`) are not read from /proc/diskstats.
+    let from_udev = |n: &str| n.ends_with("_info") || n.starts_with("node_disk_ata_");
+    for name in after.keys().filter(|n| n.starts_with("node_disk_") && !from_udev(n)) {
+        if ours(name) == 0 {
+            problems.push(format!("{name}: node_exporter has it, the agent does not"));
+        }
+    }
     for (name, series) in &agent {
         let Some(theirs) = after.get(name) else {
             problems.push(format!("{name}: node_exporter has no such family"));

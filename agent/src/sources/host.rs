@@ -253,6 +253,17 @@ impl HostMetrics {
             c.add("node_disk_io_now", false, "The number of I/Os currently in progress.", labels(), n(11));
             c.add("node_disk_io_time_seconds_total", true, "Total seconds spent doing I/Os.", labels(), n(12) * 0.001);
             c.add("node_disk_io_time_weighted_seconds_total", true, "The weighted # of seconds spent doing I/Os.", labels(), n(13) * 0.001);
+            // Discards (kernel 4.18+) and flushes (5.5+), when the kernel has the fields.
+            if fields.len() >= 18 {
+                c.add("node_disk_discards_completed_total", true, "The total number of discards completed successfully.", labels(), n(14));
+                c.add("node_disk_discards_merged_total", true, "The total number of discards merged.", labels(), n(15));
+                c.add("node_disk_discarded_sectors_total", true, "The total number of sectors discarded successfully.", labels(), n(16));
+                c.add("node_disk_discard_time_seconds_total", true, "This is the total number of seconds spent by all discards.", labels(), n(17) * 0.001);
+            }
+            if fields.len() >= 20 {
+                c.add("node_disk_flush_requests_total", true, "The total number of flush requests completed successfully", labels(), n(18));
+                c.add("node_disk_flush_requests_time_seconds_total", true, "This is the total number of seconds spent by all flush requests.", labels(), n(19) * 0.001);
+            }
         }
     }
 
@@ -343,7 +354,7 @@ mod tests {
         std::fs::write(root.join("proc/stat"), "cpu  10 0 5 100 1 0 0 0 0 0\ncpu0 250 1 30 9000 7 0 2 3 4 5\nctxt 123456\nbtime 1700000000\nprocesses 999\nprocs_running 2\nprocs_blocked 0\n").unwrap();
         std::fs::write(root.join("proc/meminfo"), "MemTotal:        2048 kB\nActive(anon):     512 kB\nHugePages_Total:       0\n").unwrap();
         std::fs::write(root.join("proc/loadavg"), "0.50 0.25 0.10 1/100 4242\n").unwrap();
-        std::fs::write(root.join("proc/diskstats"), "   8       0 sda 100 2 800 40 50 3 1600 60 0 70 100 0 0 0 0\n   8       1 sda1 1 1 1 1 1 1 1 1 0 1 1 0 0 0 0\n").unwrap();
+        std::fs::write(root.join("proc/diskstats"), "   8       0 sda 100 2 800 40 50 3 1600 60 0 70 100 5 1 64 30 9 1500\n   8       1 sda1 1 1 1 1 1 1 1 1 0 1 1 0 0 0 0\n").unwrap();
         std::fs::write(root.join("proc/net/dev"), "Inter-| head\n face | head\n  eth0: 1000 10 0 0 0 0 0 0 2000 20 1 0 0 0 0 0\n").unwrap();
         root
     }
@@ -401,6 +412,8 @@ mod tests {
         assert_eq!(find(&all, "node_memory_HugePages_Total", &[]), 0.0);
         assert_eq!(find(&all, "node_load5", &[]), 0.25);
         assert_eq!(find(&all, "node_disk_read_bytes_total", &[("device", "sda")]), 800.0 * 512.0);
+        assert_eq!(find(&all, "node_disk_discarded_sectors_total", &[("device", "sda")]), 64.0);
+        assert_eq!(find(&all, "node_disk_flush_requests_time_seconds_total", &[("device", "sda")]), 1.5);
         assert!(!all.iter().any(|(_, l, _)| l.iter().any(|(_, v)| v == "sda1")), "partitions are left out");
         assert_eq!(find(&all, "node_network_transmit_bytes_total", &[("device", "eth0")]), 2000.0);
         assert_eq!(find(&all, "node_network_transmit_errs_total", &[("device", "eth0")]), 1.0);

@@ -295,7 +295,7 @@ pub(crate) fn parse_tail<'a>(
 ) -> Result<(f64, Option<i64>, Option<Box<Exemplar<'a>>>), ParseError> {
     let rest = rest.trim_start_matches([' ', '\t']);
     let (value_text, rest) = rest.split_once([' ', '\t']).unwrap_or((rest, ""));
-    let value = parse_value(value_text).ok_or_else(|| ParseError { line: number, message: format!("invalid value {value_text:?}") })?;
+    let value = parse_value_bytes(value_text.as_bytes()).ok_or_else(|| ParseError { line: number, message: format!("invalid value {value_text:?}") })?;
     let rest = rest.trim_start_matches([' ', '\t']);
     if rest.is_empty() {
         return Ok((value, None, None));
@@ -384,6 +384,73 @@ fn parse_exemplar<'a>(text: &'a str, number: usize) -> Result<Exemplar<'a>, Pars
         None => None,
     };
     Ok(Exemplar { labels, value, timestamp_ms })
+}
+
+/// Powers of ten a double holds exactly.
+const EXACT_POWERS: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
+    1e21, 1e22,
+];
+
+/// A sample value as bytes. Decimal numbers of up to 15 significant digits and a small
+/// exponent — what client libraries write (`12`, `0.25`, `1.234567e+06`) — take Clinger's
+/// fast path: the digits and the power of ten are both exact as doubles, so one
+/// multiplication or division rounds correctly. Anything else goes to [`parse_value`].
+pub(crate) fn parse_value_bytes(b: &[u8]) -> Option<f64> {
+    let negative = b.first() == Some(&b'-');
+    let mut i = usize::from(negative || b.first() == Some(&b'+'));
+    let mut mantissa: u64 = 0;
+    let mut digits = 0;
+    let mut exponent: i32 = 0;
+    let mut fast = true;
+    while let Some(&d) = b.get(i).filter(|d| d.is_ascii_digit()) {
+        if digits < 15 {
+            mantissa = mantissa * 10 + u64::from(d - b'0');
+        } else {
+            fast = false;
+        }
+        digits += 1;
+        i += 1;
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        while let Some(&d) = b.get(i).filter(|d| d.is_ascii_digit()) {
+            if digits < 15 {
+                mantissa = mantissa * 10 + u64::from(d - b'0');
+                exponent -= 1;
+            } else {
+                fast = false;
+            }
+            digits += 1;
+            i += 1;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) && digits > 0 {
+        i += 1;
+        let negative_exponent = b.get(i) == Some(&b'-');
+        i += usize::from(negative_exponent || b.get(i) == Some(&b'+'));
+        let mut e: i32 = 0;
+        let mut exponent_digits = 0;
+        while let Some(&d) = b.get(i).filter(|d| d.is_ascii_digit()) {
+            e = (e * 10 + i32::from(d - b'0')).min(10_000);
+            exponent_digits += 1;
+            i += 1;
+        }
+        if exponent_digits == 0 {
+            fast = false;
+        }
+        exponent += if negative_exponent { -e } else { e };
+    }
+    if fast && digits > 0 && i == b.len() && (-22..=22).contains(&exponent) {
+        let magnitude = mantissa as f64;
+        let value = if exponent >= 0 {
+            magnitude * EXACT_POWERS[exponent as usize]
+        } else {
+            magnitude / EXACT_POWERS[(-exponent) as usize]
+        };
+        return Some(if negative { -value } else { value });
+    }
+    parse_value(std::str::from_utf8(b).ok()?)
 }
 
 pub(crate) fn parse_value(text: &str) -> Option<f64> {
@@ -502,6 +569,43 @@ mod tests {
         for (body, line, message) in cases {
             let e = parse(body, Format::Text).unwrap_err();
             assert_eq!((e.line, e.message.as_str()), (line, message), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn the_fast_value_path_agrees_with_the_standard_parser() {
+        let mut cases: Vec<String> = [
+            "0", "-0", "+5", "12", "0.25", "1.234567e+06", "1.234567E-06", "123456789012345", "1234567890123456",
+            "12345678901234567890", "0.1", "0.3", "9007199254740993", "1e22", "1e23", "1e-22", "1e-23", "4.9e-324",
+            "1.7976931348623157e308", "-2.5e-3", "3.", ".5", "1e", "1e+", "-", "", "e5", "1.2.3", "NaN", "+Inf", "-Inf",
+            "0x10", "1_000", "00012.500",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f64::from_bits(x);
+            if v.is_finite() {
+                cases.push(format!("{v}"));
+                cases.push(format!("{v:e}"));
+            }
+            let small = (x % 1_000_000_007) as f64 / 1000.0;
+            cases.push(format!("{small}"));
+            cases.push(format!("{:.6e}", small));
+        }
+        for case in cases {
+            let fast = parse_value_bytes(case.as_bytes());
+            let standard = parse_value(&case);
+            let same = match (fast, standard) {
+                (Some(a), Some(b)) => a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                (None, None) => true,
+                _ => false,
+            };
+            assert!(same, "{case:?}: fast {fast:?}, standard {standard:?}");
         }
     }
 }

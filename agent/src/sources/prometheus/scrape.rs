@@ -157,7 +157,7 @@ impl Template {
                 i += 1;
             }
             if matches!(body.get(i), Some(b'\n') | None) && i > value_start {
-                let value = std::str::from_utf8(&body[value_start..i]).ok().and_then(parse::parse_value)?;
+                let value = parse::parse_value_bytes(&body[value_start..i])?;
                 if line.series != SKIP {
                     read.values[line.series as usize] = value;
                 }
@@ -215,6 +215,8 @@ pub struct Target {
     down: Option<Arc<SeriesTable>>,
     /// The table of the last scrape, whose series vanish if the next one lacks them.
     current: Option<Arc<SeriesTable>>,
+    /// About the size of the last body, to size the next one's buffer.
+    body_hint: std::sync::atomic::AtomicUsize,
 }
 
 /// `host:port` of a URL, as Prometheus names an instance.
@@ -261,6 +263,7 @@ impl Target {
             template: None,
             down: None,
             current: None,
+            body_hint: Default::default(),
         }
     }
 
@@ -310,7 +313,8 @@ impl Target {
             }
         }
         if gzip {
-            let mut inflated = Vec::new();
+            // Room for as much as the last body held, so the buffer does not grow by doubling.
+            let mut inflated = Vec::with_capacity(self.body_hint.load(std::sync::atomic::Ordering::Relaxed).min(MAX_BODY_BYTES));
             GzDecoder::new(&body[..])
                 .take(MAX_BODY_BYTES as u64 + 1)
                 .read_to_end(&mut inflated)
@@ -320,6 +324,7 @@ impl Target {
             }
             body = inflated;
         }
+        self.body_hint.store(body.len() + body.len() / 16, std::sync::atomic::Ordering::Relaxed);
         Ok((body, format))
     }
 
