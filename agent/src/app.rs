@@ -236,7 +236,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             prometheus::serve(listener, Collectors::new(collectors), async move { stop.cancelled().await }).await
         }));
     }
-    warn_unavailable(&config);
 
     // Pipelines.
     let enricher = NodeEnricher::for_environment(node_name.clone());
@@ -284,13 +283,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             host::run(host, interval, pipeline, stop).await
         }));
     }
-    if !config.sources.prometheus.static_targets.is_empty() {
+    if !config.sources.prometheus.static_targets.is_empty() || config.sources.prometheus.kubernetes_pods {
         let scrape_config = config.sources.prometheus.clone();
+        let node = node_name.clone();
         let pipeline = scrape_pipeline.clone();
         let stop = stop_sources.clone();
         let (scrape_metrics, drops) = (metrics.scrapes(), metrics.drops(prometheus_source::KEY, Signal::Metrics));
         source_tasks.push(supervise(prometheus_source::KEY, &metrics, &readiness, async move {
-            prometheus_source::run(scrape_config, pipeline, scrape_metrics, drops, stop).await
+            prometheus_source::run(scrape_config, node, pipeline, scrape_metrics, drops, stop).await
         }));
     }
     if let Some(store) = profiles {
@@ -357,16 +357,3 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-/// Sections that are configured but whose components are not part of this version yet.
-fn warn_unavailable(config: &Config) {
-    let mut unavailable = Vec::new();
-    if config.sources.prometheus.kubernetes_pods {
-        unavailable.push("sources.prometheus.kubernetes_pods");
-    }
-    if !unavailable.is_empty() {
-        tracing::warn!(
-            sections = %unavailable.join(", "),
-            "configured but not available in this version; data with no exporter for its signal is counted and dropped (periscope_dropped_items_total{{reason=\"no_exporter\"}})"
-        );
-    }
-}

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod exporters;
+pub mod memory;
 pub mod paths;
 pub mod pipeline;
 pub mod profiling;

@@ -26,6 +26,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    periscope::memory::configure();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
     if matches!(command, Command::Validate) && cli.config.is_none() {

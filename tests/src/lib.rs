@@ -16,9 +16,12 @@
 //!   that speak TLS.
 //! - [`loki`]: a stand-in for Loki's push API that checks what Loki would refuse, and an
 //!   agent process that can be killed with SIGKILL and restarted on the same directory.
+//! - [`kubernetes`]: a stand-in for the Kubernetes API server's pod list, over TLS with a
+//!   service account, for pod discovery.
 
 mod agent;
 mod collector;
+pub mod kubernetes;
 pub mod loki;
 pub mod otlp;
 pub mod prometheus;

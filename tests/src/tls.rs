@@ -173,6 +173,21 @@ impl Pki {
         config
     }
 
+    /// A rustls server config with this server certificate that asks clients for none (as
+    /// an API server does for bearer-token clients), offering the protocols of `alpn`.
+    pub fn rustls_server_without_client_auth(&self, alpn: &[&[u8]]) -> rustls::ServerConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (certs, key) = self.server.parsed();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("the server certificate fits its key");
+        config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+        config
+    }
+
     /// A tonic client TLS config trusting only this CA that presents `certificate` when
     /// given (this `Pki`'s client, or another's).
     pub fn tonic_client(&self, certificate: Option<&Issued>) -> tonic::transport::ClientTlsConfig {

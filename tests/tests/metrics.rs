@@ -55,6 +55,7 @@ struct Setup {
     scrape_interval: &'static str,
     scrape_timeout: &'static str,
     targets: Vec<StaticTarget>,
+    kubernetes_pods: bool,
     data_dir: Option<PathBuf>,
 }
 
@@ -75,8 +76,14 @@ impl Setup {
             scrape_interval: "1s",
             scrape_timeout: "800ms",
             targets: Vec::new(),
+            kubernetes_pods: false,
             data_dir: None,
         }
+    }
+
+    fn kubernetes_pods(mut self) -> Setup {
+        self.kubernetes_pods = true;
+        self
     }
 
     fn otlp(mut self) -> Setup {
@@ -153,11 +160,12 @@ impl Setup {
                 let _ = writeln!(y, "  host_metrics: {{ enabled: false }}");
             }
         }
-        if !self.targets.is_empty() {
+        if !self.targets.is_empty() || self.kubernetes_pods {
             let _ = writeln!(y, "  prometheus:");
             let _ = writeln!(y, "    scrape_interval: {}", self.scrape_interval);
             let _ = writeln!(y, "    scrape_timeout: {}", self.scrape_timeout);
-            let _ = writeln!(y, "    static_targets:");
+            let _ = writeln!(y, "    kubernetes_pods: {}", self.kubernetes_pods);
+            let _ = writeln!(y, "    static_targets:{}", if self.targets.is_empty() { " []" } else { "" });
             for target in &self.targets {
                 let _ = writeln!(y, "      - job: {}", quoted(&target.job));
                 let _ = writeln!(y, "        url: {}", quoted(&target.url));
@@ -1425,4 +1433,82 @@ async fn remote_write_retries_5xx_and_429_honouring_retry_after_then_delivers() 
     let retried = metrics.metric_value("periscope_retried_items_total", &[RW]);
     assert!(retried > 0.0, "{}", metrics.text());
     server.abort();
+}
+
+// ---------------------------------------------------------------------------------------
+// Pods of this node, discovered through the Kubernetes API (a stand-in: no cluster runs here)
+// ---------------------------------------------------------------------------------------
+
+fn pod_exposition(value: u32) -> Exposition {
+    Exposition::text(format!("# TYPE jobs_done_total counter\njobs_done_total {value}\n"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotated_pods_of_this_node_are_discovered_scraped_and_retired() {
+    use periscope_e2e::kubernetes::{pod, KubernetesApi};
+    let api = KubernetesApi::start().await;
+    let api_target = ScrapeTarget::start(pod_exposition(1)).await;
+    let web_target = ScrapeTarget::start(pod_exposition(2)).await;
+    let elsewhere = ScrapeTarget::start(pod_exposition(3)).await;
+    let port = |t: &ScrapeTarget| t.instance().rsplit(':').next().unwrap().to_owned();
+    let (api_port, web_port, elsewhere_port) = (port(&api_target), port(&web_target), port(&elsewhere));
+    let scrape = [("prometheus.io/scrape", "true")];
+    api.set_pods(vec![
+        // Port and path from annotations.
+        (NODE, pod("shop", "api-7d4b9", "127.0.0.1", &[scrape[0], ("prometheus.io/port", &api_port), ("prometheus.io/path", "/metrics")], &[1])),
+        // Port from the container's declared port.
+        (NODE, pod("shop", "web-5f6c8", "127.0.0.1", &scrape, &[web_port.parse().unwrap()])),
+        // Not annotated: not scraped.
+        (NODE, pod("shop", "quiet-1", "127.0.0.1", &[("prometheus.io/port", &elsewhere_port)], &[])),
+        // Another node's pod: the field selector leaves it out.
+        ("other-node", pod("shop", "far-1", "127.0.0.1", &[scrape[0], ("prometheus.io/port", &elsewhere_port)], &[])),
+    ]);
+    let setup = Setup::new().scrape("300ms", "250ms").kubernetes_pods().pull();
+    let env = api.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent = Agent::start_with_env(&setup.yaml(), &env).await;
+
+    let pod_labels = |pod: &str, target: &ScrapeTarget| {
+        let instance = target.instance();
+        let pairs = [("job", "kubernetes-pods"), ("namespace", "shop"), ("pod", pod), ("node", NODE), ("instance", instance.as_str())];
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<Vec<(String, String)>>()
+    };
+    let has = |m: &Metrics, pod: &str, target: &ScrapeTarget, value: f64| {
+        let labels = pod_labels(pod, target);
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        m.lookup("jobs_done_total", &labels) == Some(value)
+    };
+    let metrics = wait_pull(&setup, "both annotated pods of this node", |m| {
+        has(m, "api-7d4b9", &api_target, 1.0) && has(m, "web-5f6c8", &web_target, 2.0)
+    })
+    .await;
+    assert_eq!(metrics.series("jobs_done_total", &[]).count(), 2, "{}", metrics.text());
+    assert_eq!(elsewhere.scrapes(), 0, "neither the unannotated pod nor the other node's pod is scraped");
+    let (requests, unauthorized) = api.requests();
+    assert!(requests >= 1 && unauthorized == 0, "{requests} requests, {unauthorized} without the service account's token");
+
+    // The web pod ends: its series leave; the api pod's stay.
+    api.set_pods(vec![(
+        NODE,
+        pod("shop", "api-7d4b9", "127.0.0.1", &[scrape[0], ("prometheus.io/port", &api_port)], &[]),
+    )]);
+    api_target.set(pod_exposition(5));
+    wait_pull(&setup, "the ended pod's series gone", |m| {
+        has(m, "api-7d4b9", &api_target, 5.0) && m.series("jobs_done_total", &[("pod", "web-5f6c8")]).count() == 0
+            && m.lookup("up", &[("pod", "web-5f6c8")]).is_none()
+    })
+    .await;
+    let scrapes = web_target.scrapes();
+    api_target.wait_for_scrapes(api_target.scrapes() + 2).await;
+    assert_eq!(web_target.scrapes(), scrapes, "an ended pod is not scraped any more");
+
+    // The token is rotated to one the API server refuses: discovery fails, counted, and the
+    // pods found before are still scraped.
+    std::fs::write(api.service_account_dir().join("token"), "revoked\n").unwrap();
+    agent
+        .wait_for_metric("periscope_scrape_failures_total", &[("job", "kubernetes-pods"), ("reason", "discovery")], |v| v >= 1.0)
+        .await;
+    api_target.set(pod_exposition(6));
+    wait_pull(&setup, "the known pod still scraped", |m| has(m, "api-7d4b9", &api_target, 6.0)).await;
+    assert!(api.requests().1 >= 1);
 }

@@ -33,6 +33,8 @@ const FLAGS: [&str; 5] = ["series", "format", "seconds", "report", "write"];
 const MIN_PARSES: usize = 5;
 
 fn main() {
+    // The allocator set up as the agent sets it up.
+    periscope::memory::configure();
     if let Err(message) = run() {
         eprintln!("scrape-bench: {message}");
         std::process::exit(1);

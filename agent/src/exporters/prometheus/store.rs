@@ -100,7 +100,12 @@ impl Store {
     /// Takes a target's latest scrape, in place of its previous one.
     pub fn ingest_scrape(&self, scrape: Arc<Scrape>) {
         let key = (scrape.job.clone(), scrape.instance.clone());
-        self.lock().scrapes.insert(key, (scrape, Instant::now()));
+        if scrape.table.is_empty() {
+            // The target is gone.
+            self.lock().scrapes.remove(&key);
+        } else {
+            self.lock().scrapes.insert(key, (scrape, Instant::now()));
+        }
     }
 
     /// Returns how many new series did not fit.

@@ -175,20 +175,24 @@ impl RemoteWrite {
             senders.spawn(async move { this.send_loop(&shard, &metrics, &stop, &closed).await });
         }
         let mut deltas = Deltas::default();
+        // One buffer for every scrape, reused shard after shard.
+        let mut buffer = Vec::new();
         let (mut otlp_open, mut scrapes_open) = (true, true);
         while otlp_open || scrapes_open {
-            let mut records = Records::new(this.shards.len(), this.config.batch.max_samples);
             tokio::select! {
                 delivery = input.recv(), if otlp_open => match delivery {
-                    Some(delivery) => this.convert_otlp(&delivery.data, &mut deltas, &mut records),
+                    Some(delivery) => {
+                        let mut records = Records::new(this.shards.len(), this.config.batch.max_samples);
+                        this.convert_otlp(&delivery.data, &mut deltas, &mut records);
+                        this.append(records, &metrics).await;
+                    }
                     None => otlp_open = false,
                 },
                 delivery = scrapes.recv(), if scrapes_open => match delivery {
-                    Some(delivery) => this.convert_scrape(&delivery.data, &mut records),
+                    Some(delivery) => this.write_scrape(&delivery.data, &mut buffer, &metrics).await,
                     None => scrapes_open = false,
                 },
             }
-            this.append(records, &metrics).await;
         }
         // The pipelines are closed: the senders deliver what is left, then stop (or stop at
         // the deadline, leaving the rest in the logs for the next run).
@@ -202,37 +206,78 @@ impl RemoteWrite {
     /// Writes each shard's records to its log with one sync, and wakes its sender.
     async fn append(&self, records: Records, metrics: &ComponentMetrics) {
         for (i, records) in records.finish().into_iter().enumerate() {
-            if records.is_empty() {
-                continue;
-            }
-            let shard = &self.shards[i];
-            let result = shard.wal.lock().await.append_all(&records);
-            match result {
-                Ok(dropped) => metrics.dropped("wal_full", dropped),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot write the remote_write log; samples dropped");
-                    metrics.dropped("wal_error", records.iter().map(|(_, n)| u64::from(*n)).sum());
-                }
-            }
-            shard.notify.notify_one();
+            let slices: Vec<(&[u8], u32)> = records.iter().map(|(r, n)| (r.as_slice(), *n)).collect();
+            self.append_shard(i, &slices, metrics).await;
         }
     }
 
-    /// One scrape's samples (and staleness markers), straight from the target's series table.
-    fn convert_scrape(&self, scrape: &Scrape, records: &mut Records) {
-        let table = &scrape.table;
-        let shards = self.shards.len() as u64;
-        for (i, &value) in scrape.values.iter().enumerate() {
-            let shard = (table.hash(i) % shards) as usize;
-            records.push(shard, |out| encode_time_series(out, table.encoded_labels(i), value, scrape.time_of(i)));
+    async fn append_shard(&self, shard: usize, records: &[(&[u8], u32)], metrics: &ComponentMetrics) {
+        if records.is_empty() {
+            return;
         }
-        if let Some((old, gone)) = &scrape.stale {
-            let stale = f64::from_bits(STALE_NAN);
-            for &i in gone {
-                let i = i as usize;
-                let shard = (old.hash(i) % shards) as usize;
-                records.push(shard, |out| encode_time_series(out, old.encoded_labels(i), stale, scrape.time_ms));
+        let shard = &self.shards[shard];
+        let result = shard.wal.lock().await.append_all(records);
+        match result {
+            Ok(dropped) => metrics.dropped("wal_full", dropped),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the remote_write log; samples dropped");
+                metrics.dropped("wal_error", records.iter().map(|(_, n)| u64::from(*n)).sum());
             }
+        }
+        shard.notify.notify_one();
+    }
+
+    /// One scrape's samples (and staleness markers), straight from the target's series table,
+    /// one shard at a time through `buffer`: records of at most `batch.max_samples`.
+    async fn write_scrape(&self, scrape: &Scrape, buffer: &mut Vec<u8>, metrics: &ComponentMetrics) {
+        let shards = self.shards.len() as u64;
+        let max = self.config.batch.max_samples.max(1) as u32;
+        let stale = f64::from_bits(STALE_NAN);
+        let mut cuts: Vec<(usize, u32)> = Vec::new();
+        for shard in 0..shards {
+            buffer.clear();
+            cuts.clear();
+            let mut count = 0u32;
+            let mut counted = |buffer: &Vec<u8>, cuts: &mut Vec<(usize, u32)>| {
+                count += 1;
+                if count >= max {
+                    cuts.push((buffer.len(), count));
+                    count = 0;
+                }
+            };
+            let table = &scrape.table;
+            for (i, &value) in scrape.values.iter().enumerate() {
+                if table.hash(i) % shards == shard {
+                    encode_time_series(buffer, table.encoded_labels(i), value, scrape.time_of(i));
+                    counted(buffer, &mut cuts);
+                }
+            }
+            if let Some((old, gone)) = &scrape.stale {
+                for &i in gone {
+                    let i = i as usize;
+                    if old.hash(i) % shards == shard {
+                        encode_time_series(buffer, old.encoded_labels(i), stale, scrape.time_ms);
+                        counted(buffer, &mut cuts);
+                    }
+                }
+            }
+            if count > 0 {
+                cuts.push((buffer.len(), count));
+            }
+            let mut start = 0;
+            let records: Vec<(&[u8], u32)> = cuts
+                .iter()
+                .map(|&(end, n)| {
+                    let record = (&buffer[start..end], n);
+                    start = end;
+                    record
+                })
+                .collect();
+            self.append_shard(shard as usize, &records, metrics).await;
+        }
+        // Keep the buffer for the next scrape, unless one shard's share was unusually large.
+        if buffer.capacity() > 64 << 20 {
+            *buffer = Vec::new();
         }
     }
 

@@ -77,11 +77,11 @@ impl Wal {
     /// Appends one encoded request and makes it durable. Returns the samples dropped to stay
     /// within the bound (oldest first).
     pub fn append(&mut self, payload: &[u8], samples: u32) -> io::Result<u64> {
-        self.append_all(&[(payload.to_vec(), samples)])
+        self.append_all(&[(payload, samples)])
     }
 
     /// Appends encoded requests, one record each, and makes them durable with one sync.
-    pub fn append_all(&mut self, records: &[(Vec<u8>, u32)]) -> io::Result<u64> {
+    pub fn append_all(&mut self, records: &[(&[u8], u32)]) -> io::Result<u64> {
         for (payload, samples) in records {
             self.write_record(payload, *samples)?;
         }

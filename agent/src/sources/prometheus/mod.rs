@@ -6,14 +6,16 @@
 //! `periscope_scrape_failures_total{job,instance,reason}` and logged when the target's state
 //! changes — it never stops the agent or the other targets.
 
+pub mod kubernetes;
 pub mod parse;
 pub mod scrape;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ScrapeConfig;
+use crate::config::{ScrapeConfig, StaticTarget};
 use crate::pipeline::Pipeline;
 use crate::signal::scrape::Scrape;
 use crate::telemetry::{Drops, ScrapeMetrics};
@@ -32,36 +34,114 @@ pub fn client() -> Result<reqwest::Client, String> {
         .map_err(|e| format!("{KEY}: HTTP client setup failed: {e}"))
 }
 
-/// Scrapes every static target until `stop` fires.
+/// Scrapes every static target, and with `kubernetes_pods` the annotated pods of this node
+/// (listed again every `scrape_interval`), until `stop` fires.
 pub async fn run(
     config: ScrapeConfig,
+    node_name: String,
     pipeline: Arc<Pipeline<Scrape>>,
     metrics: ScrapeMetrics,
     drops: Drops,
     stop: CancellationToken,
 ) -> Result<(), String> {
     let client = client()?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for target_config in &config.static_targets {
-        let mut target = Target::new(target_config, client.clone(), config.scrape_timeout);
-        let pipeline = pipeline.clone();
-        let metrics = metrics.clone();
-        let drops = drops.clone();
-        let stop = stop.clone();
-        let interval = config.scrape_interval;
-        tasks.spawn(async move {
-            tracing::info!(job = %target.job, url = %target.url, ?interval, "scraping target");
+    let mut scrapers = Scrapers { running: HashMap::new(), tasks: tokio::task::JoinSet::new(), client, config: config.clone(), pipeline, metrics: metrics.clone(), drops, stop: stop.clone() };
+    for target in &config.static_targets {
+        scrapers.start(target, false);
+    }
+    if config.kubernetes_pods {
+        match kubernetes::Api::in_cluster() {
+            Ok(api) => {
+                tracing::info!(api = %api.url(), node = %node_name, "discovering annotated pods of this node");
+                let mut failing = false;
+                loop {
+                    match api.targets(&node_name).await {
+                        Ok(targets) => {
+                            if failing {
+                                tracing::info!(api = %api.url(), "pod discovery works again");
+                            }
+                            failing = false;
+                            scrapers.discovered(&targets);
+                        }
+                        Err(e) => {
+                            metrics.failure(kubernetes::JOB, api.url(), "discovery");
+                            if !failing {
+                                tracing::warn!(error = %e, "pod discovery failed; the pods found before are still scraped");
+                            }
+                            failing = true;
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(config.scrape_interval) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "sources.prometheus.kubernetes_pods: no pod discovery"),
+        }
+    }
+    while scrapers.tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// The scrape tasks, by target.
+struct Scrapers {
+    /// Discovered targets only (static ones run until the agent stops).
+    running: HashMap<String, CancellationToken>,
+    tasks: tokio::task::JoinSet<()>,
+    client: reqwest::Client,
+    config: ScrapeConfig,
+    pipeline: Arc<Pipeline<Scrape>>,
+    metrics: ScrapeMetrics,
+    drops: Drops,
+    stop: CancellationToken,
+}
+
+fn key_of(target: &StaticTarget) -> String {
+    format!("{}|{}|{:?}", target.job, target.url, target.labels)
+}
+
+impl Scrapers {
+    /// Starts discovered targets that are new and retires those that are gone.
+    fn discovered(&mut self, targets: &[StaticTarget]) {
+        let keys: HashSet<String> = targets.iter().map(key_of).collect();
+        self.running.retain(|key, retire| {
+            let keep = keys.contains(key);
+            if !keep {
+                retire.cancel();
+            }
+            keep
+        });
+        for target in targets {
+            if !self.running.contains_key(&key_of(target)) {
+                let retire = self.start(target, true);
+                self.running.insert(key_of(target), retire);
+            }
+        }
+    }
+
+    /// Starts scraping a target; returns what retires it.
+    fn start(&mut self, config: &StaticTarget, discovered: bool) -> CancellationToken {
+        let mut target = Target::new(config, self.client.clone(), self.config.scrape_timeout);
+        let (pipeline, metrics, drops, stop) = (self.pipeline.clone(), self.metrics.clone(), self.drops.clone(), self.stop.clone());
+        let retire = CancellationToken::new();
+        let retired = retire.clone();
+        let interval = self.config.scrape_interval;
+        self.tasks.spawn(async move {
+            tracing::info!(job = %target.job, url = %target.url, ?interval, discovered, "scraping target");
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut was_up = true;
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
-                    _ = stop.cancelled() => break,
+                    _ = stop.cancelled() => return,
+                    _ = retired.cancelled() => break,
                 }
                 let scraped = tokio::select! {
                     scraped = target.scrape() => scraped,
-                    _ = stop.cancelled() => break,
+                    _ = stop.cancelled() => return,
+                    _ = retired.cancelled() => break,
                 };
                 match &scraped.error {
                     Some(error) => {
@@ -84,8 +164,15 @@ pub async fn run(
                     drops.add("queue_full", scraped.samples as u64);
                 }
             }
+            // The target is gone (its pod ended): its series end too.
+            tracing::info!(job = %target.job, url = %target.url, "target gone; its series are marked stale");
+            if let Some(last) = target.retire() {
+                let items = last.stale_count();
+                if pipeline.send(last, interval).await.is_err() {
+                    drops.add("queue_full", items as u64);
+                }
+            }
         });
+        retire
     }
-    while tasks.join_next().await.is_some() {}
-    Ok(())
 }

@@ -396,61 +396,66 @@ const EXACT_POWERS: [f64; 23] = [
 /// exponent — what client libraries write (`12`, `0.25`, `1.234567e+06`) — take Clinger's
 /// fast path: the digits and the power of ten are both exact as doubles, so one
 /// multiplication or division rounds correctly. Anything else goes to [`parse_value`].
+#[inline]
 pub(crate) fn parse_value_bytes(b: &[u8]) -> Option<f64> {
-    let negative = b.first() == Some(&b'-');
-    let mut i = usize::from(negative || b.first() == Some(&b'+'));
+    match number_prefix(b) {
+        Some((value, length)) if length == b.len() => Some(value),
+        _ => parse_value(std::str::from_utf8(b).ok()?),
+    }
+}
+
+/// The number at the start of `b` and its length, when it takes the fast path of
+/// [`parse_value_bytes`]; `None` for anything else (which may still be a valid value).
+#[inline]
+pub(crate) fn number_prefix(b: &[u8]) -> Option<(f64, usize)> {
+    let (negative, mut rest) = match b {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, b),
+    };
+    // Digits beyond 15 may wrap the mantissa: such values are not taken.
     let mut mantissa: u64 = 0;
-    let mut digits = 0;
-    let mut exponent: i32 = 0;
-    let mut fast = true;
-    while let Some(&d) = b.get(i).filter(|d| d.is_ascii_digit()) {
-        if digits < 15 {
-            mantissa = mantissa * 10 + u64::from(d - b'0');
-        } else {
-            fast = false;
-        }
+    let mut digits: i32 = 0;
+    while let [d @ b'0'..=b'9', tail @ ..] = rest {
+        mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
         digits += 1;
-        i += 1;
+        rest = tail;
     }
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        while let Some(&d) = b.get(i).filter(|d| d.is_ascii_digit()) {
-            if digits < 15 {
-                mantissa = mantissa * 10 + u64::from(d - b'0');
-                exponent -= 1;
-            } else {
-                fast = false;
-            }
+    let mut exponent: i32 = 0;
+    if let [b'.', tail @ ..] = rest {
+        rest = tail;
+        while let [d @ b'0'..=b'9', tail @ ..] = rest {
+            mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
             digits += 1;
-            i += 1;
+            exponent -= 1;
+            rest = tail;
         }
     }
-    if matches!(b.get(i), Some(b'e' | b'E')) && digits > 0 {
-        i += 1;
-        let negative_exponent = b.get(i) == Some(&b'-');
-        i += usize::from(negative_exponent || b.get(i) == Some(&b'+'));
+    if let [b'e' | b'E', tail @ ..] = rest {
+        let (negative_exponent, mut tail) = match tail {
+            [b'-', t @ ..] => (true, t),
+            [b'+', t @ ..] => (false, t),
+            _ => (false, tail),
+        };
         let mut e: i32 = 0;
         let mut exponent_digits = 0;
-        while let Some(&d) = b.get(i).filter(|d| d.is_ascii_digit()) {
+        while let [d @ b'0'..=b'9', t @ ..] = tail {
             e = (e * 10 + i32::from(d - b'0')).min(10_000);
             exponent_digits += 1;
-            i += 1;
+            tail = t;
         }
         if exponent_digits == 0 {
-            fast = false;
+            return None;
         }
         exponent += if negative_exponent { -e } else { e };
+        rest = tail;
     }
-    if fast && digits > 0 && i == b.len() && (-22..=22).contains(&exponent) {
-        let magnitude = mantissa as f64;
-        let value = if exponent >= 0 {
-            magnitude * EXACT_POWERS[exponent as usize]
-        } else {
-            magnitude / EXACT_POWERS[(-exponent) as usize]
-        };
-        return Some(if negative { -value } else { value });
+    if !(1..=15).contains(&digits) || !(-22..=22).contains(&exponent) {
+        return None;
     }
-    parse_value(std::str::from_utf8(b).ok()?)
+    let magnitude = mantissa as f64;
+    let value = if exponent >= 0 { magnitude * EXACT_POWERS[exponent as usize] } else { magnitude / EXACT_POWERS[(-exponent) as usize] };
+    Some((if negative { -value } else { value }, b.len() - rest.len()))
 }
 
 pub(crate) fn parse_value(text: &str) -> Option<f64> {

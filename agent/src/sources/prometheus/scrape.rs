@@ -144,7 +144,20 @@ impl Template {
             if raw.last() != Some(&b'}') && !matches!(body.get(after), Some(b' ' | b'\t')) {
                 return None;
             }
-            // Most lines end in a lone value: read it in one pass over its bytes.
+            // Most lines end in one blank and a plain number: read it in one pass.
+            if body.get(after) == Some(&b' ') {
+                if let Some((value, length)) = parse::number_prefix(&body[after + 1..]) {
+                    let end = after + 1 + length;
+                    if matches!(body.get(end), Some(b'\n') | None) {
+                        if line.series != SKIP {
+                            read.values[line.series as usize] = value;
+                        }
+                        pos = end + 1;
+                        continue;
+                    }
+                }
+            }
+            // Other values (NaN, +Inf, long digits) in a second pass.
             let mut i = after;
             while matches!(body.get(i), Some(b' ' | b'\t')) {
                 i += 1;
@@ -217,6 +230,7 @@ pub struct Target {
     current: Option<Arc<SeriesTable>>,
     /// About the size of the last body, to size the next one's buffer.
     body_hint: std::sync::atomic::AtomicUsize,
+    full_parses: u64,
 }
 
 /// `host:port` of a URL, as Prometheus names an instance.
@@ -264,6 +278,7 @@ impl Target {
             down: None,
             current: None,
             body_hint: Default::default(),
+            full_parses: 0,
         }
     }
 
@@ -332,10 +347,16 @@ impl Target {
     pub async fn scrape(&mut self) -> Scraped {
         let started = Instant::now();
         let time_ms = now_ms();
+        let full_parses = self.full_parses;
         let read = match self.fetch().await {
             Ok((body, format)) => self.read(&body, format),
             Err(e) => Err(e),
         };
+        if self.full_parses != full_parses {
+            // Parsing in full and building a table is a burst of allocations, once per change
+            // of series: give back what it leaves free.
+            crate::memory::release();
+        }
         let (mut read, error) = match read {
             Ok(read) => (read, None),
             Err(e) => {
@@ -368,6 +389,23 @@ impl Target {
         Scraped { scrape, samples: read.samples, error, over_limit: read.over_limit }
     }
 
+    /// The last scrape of a target that goes away: every series it had, marked stale.
+    pub fn retire(&mut self) -> Option<Scrape> {
+        let table = self.current.take().filter(|t| !t.is_empty())?;
+        let gone = (0..table.len() as u32).collect();
+        self.template = None;
+        Some(Scrape {
+            job: self.job_label.clone(),
+            instance: self.instance_label.clone(),
+            table: Arc::new(SeriesTable::default()),
+            values: Vec::new(),
+            timestamps: Vec::new(),
+            time_ms: now_ms(),
+            exemplars: Vec::new(),
+            stale: Some((table, gone)),
+        })
+    }
+
     /// Reads one body as a scrape does (by the template when it still fits, else in full),
     /// without fetching it: the samples it held. For benchmarks.
     pub fn read_body(&mut self, body: &[u8], format: Format) -> Result<usize, ScrapeError> {
@@ -386,6 +424,7 @@ impl Target {
         if let Some(read) = self.template.as_ref().and_then(|t| t.read(body, format)) {
             return Ok(read);
         }
+        self.full_parses += 1;
         let parse_error = |message: String| ScrapeError::Parse { url: self.url.clone(), message };
         let text = std::str::from_utf8(body).map_err(|e| parse_error(format!("body is not UTF-8: {e}")))?;
         let exposition = parse::parse(text, format).map_err(|e| parse_error(e.to_string()))?;
