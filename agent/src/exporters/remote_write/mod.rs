@@ -117,6 +117,38 @@ impl Deltas {
     }
 }
 
+/// The last timestamp written per OTLP series (by the hash of its labels), so that each
+/// series' samples leave in strictly increasing time. An SDK that exports twice within a
+/// millisecond gives two points of one series the same timestamp; Prometheus keeps only the
+/// first of them (silently within a request, with a 400 for the whole request across
+/// requests), which would lose the newer value. Such a point moves to 1 ms after the last;
+/// a point older than the last is dropped and counted (`reason="out_of_order"`) rather than
+/// have Prometheus refuse the request it travels in.
+#[derive(Default)]
+struct Order {
+    last: HashMap<u64, i64>,
+}
+
+impl Order {
+    /// The timestamp to send `time_ms` of series `key` with, or `None` to drop it.
+    fn admit(&mut self, key: u64, time_ms: i64) -> Option<i64> {
+        let room = self.last.len() < MAX_DELTA_SERIES;
+        match self.last.get_mut(&key) {
+            Some(last) if time_ms < *last => None,
+            Some(last) => {
+                *last = if time_ms == *last { time_ms + 1 } else { time_ms };
+                Some(*last)
+            }
+            None => {
+                if room {
+                    self.last.insert(key, time_ms);
+                }
+                Some(time_ms)
+            }
+        }
+    }
+}
+
 /// Encoded `TimeSeries` per shard, cut into log records of at most `batch.max_samples`
 /// samples each, so that a send never exceeds it.
 struct Records {
@@ -175,6 +207,7 @@ impl RemoteWrite {
             senders.spawn(async move { this.send_loop(&shard, &metrics, &stop, &closed).await });
         }
         let mut deltas = Deltas::default();
+        let mut order = Order::default();
         // One buffer for every scrape, reused shard after shard.
         let mut buffer = Vec::new();
         let (mut otlp_open, mut scrapes_open) = (true, true);
@@ -183,7 +216,8 @@ impl RemoteWrite {
                 delivery = input.recv(), if otlp_open => match delivery {
                     Some(delivery) => {
                         let mut records = Records::new(this.shards.len(), this.config.batch.max_samples);
-                        this.convert_otlp(&delivery.data, &mut deltas, &mut records);
+                        let late = this.convert_otlp(&delivery.data, &mut deltas, &mut order, &mut records);
+                        metrics.dropped("out_of_order", late);
                         this.append(records, &metrics).await;
                     }
                     None => otlp_open = false,
@@ -281,17 +315,24 @@ impl RemoteWrite {
         }
     }
 
-    /// Converts one OTLP request per the compatibility rules and shards its samples.
-    fn convert_otlp(&self, request: &Metrics, deltas: &mut Deltas, records: &mut Records) {
+    /// Converts one OTLP request per the compatibility rules and shards its samples. Returns
+    /// the samples dropped for being older than their series' last one.
+    fn convert_otlp(&self, request: &Metrics, deltas: &mut Deltas, order: &mut Order, records: &mut Records) -> u64 {
         let converted = convert::convert(request);
         let now = now_ms();
         let shards = self.shards.len() as u64;
+        let mut late = 0;
         let mut push = |name: &str, labels: Labels, value: f64, time_ms: i64| {
             let mut all: Vec<Label> = labels.into_iter().map(|(name, value)| Label { name, value }).collect();
             all.push(Label { name: "__name__".into(), value: name.to_owned() });
             all.sort_by(|a, b| a.name.cmp(&b.name));
-            let shard = (self.hasher.hash_one(&all) % shards) as usize;
-            let series = TimeSeries { labels: all, samples: vec![Sample { value, timestamp: if time_ms > 0 { time_ms } else { now } }] };
+            let hash = self.hasher.hash_one(&all);
+            let Some(timestamp) = order.admit(hash, if time_ms > 0 { time_ms } else { now }) else {
+                late += 1;
+                return;
+            };
+            let shard = (hash % shards) as usize;
+            let series = TimeSeries { labels: all, samples: vec![Sample { value, timestamp }] };
             records.push(shard, |out| prost::encoding::message::encode(1, &series, out));
         };
         for info in converted.target_info {
@@ -318,6 +359,7 @@ impl RemoteWrite {
                 }
             }
         }
+        late
     }
 
     async fn send_loop(&self, shard: &Shard, metrics: &ComponentMetrics, stop: &CancellationToken, closed: &CancellationToken) {
@@ -452,5 +494,32 @@ impl RemoteWrite {
                 _ = stop.cancelled() => return false,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Order;
+
+    #[test]
+    fn a_series_leaves_in_strictly_increasing_time() {
+        let mut order = Order::default();
+        assert_eq!(order.admit(1, 1_000), Some(1_000));
+        // Same millisecond: moved just after the last, so Prometheus keeps the newer value.
+        assert_eq!(order.admit(1, 1_000), Some(1_001));
+        assert_eq!(order.admit(1, 1_001), Some(1_002));
+        assert_eq!(order.admit(1, 1_010), Some(1_010));
+        // Older than the last: dropped, not sent to be refused.
+        assert_eq!(order.admit(1, 1_005), None);
+        assert_eq!(order.admit(1, 1_011), Some(1_011));
+    }
+
+    #[test]
+    fn series_are_ordered_independently() {
+        let mut order = Order::default();
+        assert_eq!(order.admit(1, 2_000), Some(2_000));
+        assert_eq!(order.admit(2, 1_000), Some(1_000));
+        assert_eq!(order.admit(2, 1_000), Some(1_001));
+        assert_eq!(order.admit(1, 2_000), Some(2_001));
     }
 }
