@@ -88,7 +88,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
 
     let prometheus_listener = match &config.exporters.prometheus {
-        Some(prometheus) => Some(bind("exporters.prometheus.listen", prometheus.listen).await?),
+        Some(prometheus) => Some((bind("exporters.prometheus.listen", prometheus.listen).await?, prometheus.max_series)),
         None => None,
     };
 
@@ -195,7 +195,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ok(())
         }));
     }
-    if let Some(listener) = prometheus_listener {
+    if let Some((listener, max_series)) = prometheus_listener {
         let mut collectors: Vec<Arc<dyn Collect>> = Vec::new();
         // Everything in the metrics pipeline, kept as Prometheus series.
         let component = metrics.component("prometheus", Signal::Metrics);
@@ -203,7 +203,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let (scrape_handle, mut scrapes) = pipeline::consumer::<Scrape>(prometheus::QUEUE_POINTS, component.clone());
         metric_consumers.push(handle);
         scrape_consumers.push(scrape_handle);
-        let store = Arc::new(prometheus::store::Store::new(prometheus::MAX_SERIES, metrics.drops("prometheus", Signal::Metrics)));
+        let store = Arc::new(prometheus::store::Store::new(max_series, metrics.drops("prometheus", Signal::Metrics)));
         collectors.push(store.clone());
         exporter_tasks.push(supervise("exporters.prometheus.store", &metrics, &readiness, async move {
             let (mut otlp_open, mut scrapes_open) = (true, true);
@@ -247,10 +247,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Sources.
     let mut source_tasks = Vec::new();
     let max_request_size = config.sources.otlp.max_request_size.as_usize();
+    // One cardinality guard for OTLP metrics from either receiver.
+    let series_limit: Arc<dyn otlp::Guard<MetricsData>> =
+        Arc::new(crate::pipeline::cardinality::SeriesLimit::new(config.sources.otlp.max_metric_series));
     if let Some(listener) = grpc_listener {
         let intakes = otlp::grpc::Intakes {
             traces: Intake::new(traces.clone(), metrics.receiver("otlp_grpc", Signal::Traces)),
-            metrics: Intake::new(metrics_pipeline.clone(), metrics.receiver("otlp_grpc", Signal::Metrics)),
+            metrics: Intake::new(metrics_pipeline.clone(), metrics.receiver("otlp_grpc", Signal::Metrics))
+                .guarded(series_limit.clone(), metrics.drops("otlp_grpc", Signal::Metrics)),
             logs: Intake::new(logs.clone(), metrics.receiver("otlp_grpc", Signal::Logs)),
         };
         let tls = config.sources.otlp.tls.clone();
@@ -263,7 +267,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(listener) = http_listener {
         let router = otlp::http::router(
             Intake::new(traces.clone(), metrics.receiver("otlp_http", Signal::Traces)),
-            Intake::new(metrics_pipeline.clone(), metrics.receiver("otlp_http", Signal::Metrics)),
+            Intake::new(metrics_pipeline.clone(), metrics.receiver("otlp_http", Signal::Metrics))
+                .guarded(series_limit.clone(), metrics.drops("otlp_http", Signal::Metrics)),
             Intake::new(logs.clone(), metrics.receiver("otlp_http", Signal::Logs)),
             max_request_size,
         );

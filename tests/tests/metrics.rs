@@ -27,6 +27,7 @@ use opentelemetry_sdk::metrics::{Aggregation, Instrument, PeriodicReader, SdkMet
 use opentelemetry_sdk::Resource;
 use periscope_e2e::promserver::{Exposition, NodeExporter, Prometheus, ScrapeTarget, Series};
 use periscope_e2e::{free_port, tls, Agent, Metrics, DEADLINE, POLL_INTERVAL};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use prost::Message as _;
 
 const NODE: &str = "metrics-node";
@@ -57,6 +58,8 @@ struct Setup {
     targets: Vec<StaticTarget>,
     kubernetes_pods: bool,
     data_dir: Option<PathBuf>,
+    /// `sources.prometheus.max_series_per_target` and `sources.otlp.max_metric_series`.
+    limits: Option<(usize, usize)>,
 }
 
 /// A YAML double-quoted scalar (JSON's string syntax is valid YAML).
@@ -78,7 +81,13 @@ impl Setup {
             targets: Vec::new(),
             kubernetes_pods: false,
             data_dir: None,
+            limits: None,
         }
+    }
+
+    fn series_limits(mut self, per_target: usize, otlp: usize) -> Setup {
+        self.limits = Some((per_target, otlp));
+        self
     }
 
     fn kubernetes_pods(mut self) -> Setup {
@@ -144,9 +153,10 @@ impl Setup {
         let _ = writeln!(y, "server: {{ listen: 127.0.0.1:{} }}", self.admin);
         let _ = writeln!(y, "log: {{ format: text }}");
         let _ = writeln!(y, "sources:");
+        let otlp_limit = self.limits.map(|(_, otlp)| format!(", max_metric_series: {otlp}")).unwrap_or_default();
         match self.otlp_http {
             Some(port) => {
-                let _ = writeln!(y, "  otlp: {{ grpc: null, http: 127.0.0.1:{port} }}");
+                let _ = writeln!(y, "  otlp: {{ grpc: null, http: 127.0.0.1:{port}{otlp_limit} }}");
             }
             None => {
                 let _ = writeln!(y, "  otlp: {{ grpc: null, http: null }}");
@@ -165,6 +175,9 @@ impl Setup {
             let _ = writeln!(y, "    scrape_interval: {}", self.scrape_interval);
             let _ = writeln!(y, "    scrape_timeout: {}", self.scrape_timeout);
             let _ = writeln!(y, "    kubernetes_pods: {}", self.kubernetes_pods);
+            if let Some((per_target, _)) = self.limits {
+                let _ = writeln!(y, "    max_series_per_target: {per_target}");
+            }
             let _ = writeln!(y, "    static_targets:{}", if self.targets.is_empty() { " []" } else { "" });
             for target in &self.targets {
                 let _ = writeln!(y, "      - job: {}", quoted(&target.job));
@@ -1267,6 +1280,51 @@ async fn broken_slow_and_failing_targets_are_counted_by_reason_and_huge_labels_p
     }
     let (status, _) = agent.get("/healthz").await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_beyond_each_sources_limit_are_dropped_counted_and_refused_to_otlp_senders() {
+    let exposition = "# TYPE q gauge\nq{n=\"1\"} 1\nq{n=\"2\"} 2\nq{n=\"3\"} 3\nq{n=\"4\"} 4\nq{n=\"5\"} 5\n";
+    let target = ScrapeTarget::start(Exposition::text(exposition)).await;
+    let setup = Setup::new().otlp().pull().target("capped", &target.url(), &[]).series_limits(3, 2);
+    let agent = Agent::start(&setup.yaml()).await;
+
+    // The target's first three series are kept; the scrape itself is fine.
+    let metrics = wait_pull(&setup, "the capped target", |m| m.lookup("up", &[("job", "capped")]) == Some(1.0)).await;
+    let mut kept: Vec<f64> = metrics.series("q", &[("job", "capped")]).map(|s| s.value).collect();
+    kept.sort_by(f64::total_cmp);
+    assert_eq!(kept, [1.0, 2.0, 3.0], "{}", metrics.text());
+    assert_eq!(metrics.lookup("scrape_samples_scraped", &[("job", "capped")]), Some(5.0));
+    agent
+        .wait_for_metric(
+            "periscope_dropped_items_total",
+            &[("component", "sources.prometheus"), ("reason", "series_limit")],
+            |v| v >= 2.0,
+        )
+        .await;
+
+    // OTLP: three series where two fit. The sender hears of it through partial success.
+    let url = format!("{}/v1/metrics", setup.otlp_endpoint());
+    let request = periscope_e2e::otlp::metrics_request("capped-service", 3);
+    for round in 1..=2 {
+        let answer = periscope_e2e::otlp::post_protobuf(&url, &request).await;
+        assert_eq!(answer.status, 200, "{}", answer.body_text());
+        let response = ExportMetricsServiceResponse::decode(&answer.body[..]).expect("an ExportMetricsServiceResponse");
+        let partial = response.partial_success.expect("partial success");
+        assert_eq!(partial.rejected_data_points, 1, "round {round}");
+        assert!(partial.error_message.contains("sources.otlp.max_metric_series"), "{}", partial.error_message);
+    }
+    let metrics = wait_pull(&setup, "the OTLP gauges", |m| m.lookup("queue_depth_1", &[]).is_some()).await;
+    assert_eq!(metrics.lookup("queue_depth_0", &[]), Some(0.0));
+    assert_eq!(metrics.lookup("queue_depth_1", &[]), Some(1.0));
+    assert_eq!(metrics.lookup("queue_depth_2", &[]), None, "{}", metrics.text());
+    let own = agent.metrics().await;
+    assert_eq!(
+        own.metric_value("periscope_dropped_items_total", &[("component", "otlp_http"), ("reason", "series_limit")]),
+        2.0,
+        "{}",
+        own.text()
+    );
 }
 
 mod prompb {

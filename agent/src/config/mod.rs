@@ -328,6 +328,9 @@ pub struct OtlpConfig {
     pub max_request_size: ByteSize,
     /// Serve both listeners over TLS.
     pub tls: Option<ServerTlsConfig>,
+    /// Metric series (resource, metric name and attributes) taken from OTLP senders; data
+    /// points of further series are refused (OTLP partial success) and counted.
+    pub max_metric_series: usize,
 }
 
 impl Default for OtlpConfig {
@@ -337,6 +340,7 @@ impl Default for OtlpConfig {
             http: default_listen(4318),
             max_request_size: ByteSize::mib(16),
             tls: None,
+            max_metric_series: 200_000,
         }
     }
 }
@@ -360,6 +364,8 @@ pub struct ScrapeConfig {
     pub scrape_timeout: Duration,
     pub static_targets: Vec<StaticTarget>,
     pub kubernetes_pods: bool,
+    /// Series kept per target; further ones (in the target's order) are dropped and counted.
+    pub max_series_per_target: usize,
 }
 
 impl Default for ScrapeConfig {
@@ -369,6 +375,7 @@ impl Default for ScrapeConfig {
             scrape_timeout: Duration::from_secs(10),
             static_targets: Vec::new(),
             kubernetes_pods: false,
+            max_series_per_target: 200_000,
         }
     }
 }
@@ -510,11 +517,14 @@ pub struct ExportersConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PrometheusExporterConfig {
     pub listen: ListenAddr,
+    /// OTLP and host series kept for the pull endpoint; further new ones are dropped and
+    /// counted.
+    pub max_series: usize,
 }
 
 impl Default for PrometheusExporterConfig {
     fn default() -> Self {
-        PrometheusExporterConfig { listen: ListenAddr::loopback(9464) }
+        PrometheusExporterConfig { listen: ListenAddr::loopback(9464), max_series: 500_000 }
     }
 }
 
@@ -796,6 +806,15 @@ impl Config {
         let otlp = &self.sources.otlp;
         if otlp.max_request_size.0 == 0 {
             err("sources.otlp.max_request_size", "must be greater than 0".into());
+        }
+        if otlp.max_metric_series == 0 {
+            err("sources.otlp.max_metric_series", "must be greater than 0".into());
+        }
+        if self.sources.prometheus.max_series_per_target == 0 {
+            err("sources.prometheus.max_series_per_target", "must be greater than 0".into());
+        }
+        if self.exporters.prometheus.as_ref().is_some_and(|p| p.max_series == 0) {
+            err("exporters.prometheus.max_series", "must be greater than 0".into());
         }
         if let Some(tls) = &otlp.tls {
             check_file(&mut err, "sources.otlp.tls.cert_file", Some(&tls.cert_file));

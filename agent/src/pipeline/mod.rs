@@ -12,6 +12,7 @@
 //! reason `queue_full`, and delivery to the others goes on.
 
 pub mod ack;
+pub mod cardinality;
 pub mod enrich;
 pub mod queue;
 

@@ -193,7 +193,7 @@ fn measure(body: &str, format: Format, samples: usize, seconds: f64) -> Result<T
 fn measure_scrape(body: &str, format: Format, samples: usize, seconds: f64, fresh: bool) -> Result<Timing, String> {
     let config = StaticTarget { job: "bench".into(), url: "http://127.0.0.1:9/metrics".into(), labels: Default::default() };
     let client = periscope::sources::prometheus::client()?;
-    let new_target = || Target::new(&config, client.clone(), Duration::from_secs(5));
+    let new_target = || Target::new(&config, client.clone(), Duration::from_secs(5), 200_000);
     let mut target = new_target();
     let read = target.read_body(body.as_bytes(), format).map_err(|e| e.to_string())?;
     if read != samples || !target.has_template() {

@@ -23,8 +23,6 @@ pub mod store;
 pub const KEY: &str = "exporters.prometheus";
 /// Data points waiting to be added to the store.
 pub const QUEUE_POINTS: usize = 256 * 1024;
-/// Series the store keeps; further new series are dropped and counted (`reason="series_limit"`).
-pub const MAX_SERIES: usize = 500_000;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 

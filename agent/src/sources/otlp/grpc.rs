@@ -15,10 +15,10 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
 
-use super::{Intake, Rejection, MAX_CONCURRENT_REQUESTS};
+use super::{Answer, Intake, Rejection, MAX_CONCURRENT_REQUESTS};
 use crate::config::ServerTlsConfig;
 use crate::signal::status::retry_details;
-use crate::signal::{Logs, Metrics, Payload, Traces};
+use crate::signal::{Logs, Metrics, Traces};
 use crate::telemetry::ReceiverMetrics;
 
 /// The three pipelines' intakes as seen by this receiver.
@@ -46,9 +46,9 @@ impl From<Rejection> for Status {
     }
 }
 
-async fn export<T: Payload, R: Default>(intake: &Intake<T>, request: Request<T>) -> Result<Response<R>, Status> {
-    intake.accept(request.into_inner()).await?;
-    Ok(Response::new(R::default()))
+async fn export<T: Answer>(intake: &Intake<T>, request: Request<T>) -> Result<Response<T::Response>, Status> {
+    let accepted = intake.accept(request.into_inner()).await?;
+    Ok(Response::new(T::answer(&accepted)))
 }
 
 #[tonic::async_trait]

@@ -19,7 +19,7 @@ use std::io::Read;
 use tokio::net::TcpListener;
 
 use super::tls::{server_config, TlsListener};
-use super::{Intake, Rejection, MAX_CONCURRENT_REQUESTS};
+use super::{Answer, Intake, Rejection, MAX_CONCURRENT_REQUESTS};
 use crate::config::ServerTlsConfig;
 use crate::signal::status::RpcStatus;
 use crate::signal::{Logs, Metrics, Payload, Traces};
@@ -82,7 +82,7 @@ pub async fn serve(
 
 async fn handle<T>(intake: &Intake<T>, max: usize, headers: HeaderMap, body: Body) -> Response
 where
-    T: Payload + prost::Message + Default + DeserializeOwned,
+    T: Answer + prost::Message + Default + DeserializeOwned,
 {
     let encoding = match media_type(&headers) {
         Ok(encoding) => encoding,
@@ -93,11 +93,16 @@ where
         Err(rejection) => return respond(intake.reject(rejection), encoding),
     };
     match intake.accept(data).await {
-        // An empty Export*ServiceResponse: an empty protobuf message, or `{}`.
-        Ok(_) => match encoding {
-            Encoding::Protobuf => ([(header::CONTENT_TYPE, encoding.content_type())], Bytes::new()).into_response(),
-            Encoding::Json => ([(header::CONTENT_TYPE, encoding.content_type())], "{}").into_response(),
-        },
+        // An Export*ServiceResponse: empty on full success (an empty protobuf message, or
+        // `{}`), with `partial_success` when part of the request was refused.
+        Ok(accepted) => {
+            let answer = T::answer(&accepted);
+            let body: Bytes = match encoding {
+                Encoding::Protobuf => answer.encode_to_vec().into(),
+                Encoding::Json => serde_json::to_vec(&answer).unwrap_or_else(|_| b"{}".to_vec()).into(),
+            };
+            ([(header::CONTENT_TYPE, encoding.content_type())], body).into_response()
+        }
         Err(rejection) => respond(rejection, encoding),
     }
 }

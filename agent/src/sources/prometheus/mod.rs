@@ -122,7 +122,7 @@ impl Scrapers {
 
     /// Starts scraping a target; returns what retires it.
     fn start(&mut self, config: &StaticTarget, discovered: bool) -> CancellationToken {
-        let mut target = Target::new(config, self.client.clone(), self.config.scrape_timeout);
+        let mut target = Target::new(config, self.client.clone(), self.config.scrape_timeout, self.config.max_series_per_target);
         let (pipeline, metrics, drops, stop) = (self.pipeline.clone(), self.metrics.clone(), self.drops.clone(), self.stop.clone());
         let retire = CancellationToken::new();
         let retired = retire.clone();

@@ -28,9 +28,6 @@ use crate::telemetry::exposition::{ExemplarText, Type};
 
 /// Largest body taken from a target, after decompression.
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
-/// Series kept per target; series beyond it (in the order the target exposes them) are
-/// dropped and counted.
-pub const MAX_SERIES_PER_TARGET: usize = 200_000;
 
 const ACCEPT: &str = "application/openmetrics-text;version=1.0.0;q=0.9,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
 
@@ -66,7 +63,7 @@ pub struct Scraped {
     pub scrape: Scrape,
     pub samples: usize,
     pub error: Option<ScrapeError>,
-    /// Series left out because the target has more than [`MAX_SERIES_PER_TARGET`].
+    /// Series left out because the target has more than its `max_series`.
     pub over_limit: usize,
 }
 
@@ -223,6 +220,9 @@ pub struct Target {
     labels: Vec<(String, String)>,
     client: reqwest::Client,
     timeout: Duration,
+    /// Series kept; further ones, in the order the target exposes them, are dropped and
+    /// counted.
+    max_series: usize,
     template: Option<Template>,
     /// The table of a failed scrape: `up` and the scrape's own series only.
     down: Option<Arc<SeriesTable>>,
@@ -263,7 +263,7 @@ fn vanished(old: &SeriesTable, new: &SeriesTable) -> Vec<u32> {
 }
 
 impl Target {
-    pub fn new(config: &StaticTarget, client: reqwest::Client, timeout: Duration) -> Target {
+    pub fn new(config: &StaticTarget, client: reqwest::Client, timeout: Duration, max_series: usize) -> Target {
         let instance = instance_of(&config.url);
         Target {
             job: config.job.clone(),
@@ -274,6 +274,7 @@ impl Target {
             labels: config.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             client,
             timeout,
+            max_series,
             template: None,
             down: None,
             current: None,
@@ -485,7 +486,7 @@ impl Target {
                 if created {
                     continue;
                 }
-                if builder.len() >= MAX_SERIES_PER_TARGET {
+                if builder.len() >= self.max_series {
                     over_limit += 1;
                     continue;
                 }
@@ -579,7 +580,7 @@ mod tests {
             url: url.into(),
             labels: [("team".to_owned(), "video".to_owned())].into_iter().collect(),
         };
-        Target::new(&config, crate::sources::prometheus::client().unwrap(), Duration::from_secs(5))
+        Target::new(&config, crate::sources::prometheus::client().unwrap(), Duration::from_secs(5), 200_000)
     }
 
     type Sample = (String, Vec<(String, String)>, f64);
