@@ -109,6 +109,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let profiling = crate::profiling::Profiling::new(
         &config.sources.pprof.targets,
         crate::sources::prometheus::client().map_err(|message| BuildError::new("sources.pprof", message))?,
+        config.server.max_profiles_per_minute,
     );
     let profiles = if config.sources.pprof.targets.iter().any(|t| !t.interval.is_zero()) {
         let dir = config.data_dir.join("profiles");

@@ -91,6 +91,8 @@ async fn start_agent(config: &TestConfig, targets: &[Target]) -> Agent {
 struct Answer {
     status: u16,
     content_type: String,
+    /// `Retry-After`, in seconds.
+    retry_after: Option<u64>,
     body: Vec<u8>,
 }
 
@@ -129,8 +131,10 @@ async fn fetch(url: &str, token: Option<&str>) -> Answer {
     let status = response.status().as_u16();
     let content_type =
         response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let retry_after =
+        response.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     let body = response.bytes().await.unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}")).to_vec();
-    Answer { status, content_type, body }
+    Answer { status, content_type, retry_after, body }
 }
 
 /// `GET /debug/pprof/profile?<query>` on the agent.
@@ -684,6 +688,31 @@ async fn a_second_capture_of_a_target_gets_409_and_so_does_a_busy_target() {
         assert_eq!(answer.status, 409, "{name}: {}", answer.text());
         assert!(answer.error().contains("already"), "{name}: {}", answer.error());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captures_beyond_the_budget_of_a_process_get_429_with_retry_after_and_other_processes_go_on() {
+    let stub = Stub::answering(200, PPROF, canned_profile(2)).await;
+    let other = Stub::answering(200, PPROF, canned_profile(4)).await;
+    let config = TestConfig::new();
+    let server = format!("{{ max_profiles_per_minute: 2, listen: 127.0.0.1:{} }}", config.admin_port);
+    let targets = [target("feed", stub.url()), target("cart", other.url())];
+    let agent = Agent::start(&profiling_yaml(&config, Some(&server), None, &targets)).await;
+
+    for process in ["", "target=feed&"] {
+        for n in 1..=2 {
+            capture(&agent, &format!("{process}seconds=1&format=folded")).await.expect_ok(&format!("capture {n} of {process:?}"), FOLDED);
+        }
+        let refused = capture(&agent, &format!("{process}seconds=1")).await;
+        assert_eq!(refused.status, 429, "a third capture of {process:?} within a minute: {}", refused.text());
+        assert!(refused.error().contains("server.max_profiles_per_minute"), "{}", refused.error());
+        let after = refused.retry_after.expect("a Retry-After header");
+        assert!((1..=60).contains(&after), "Retry-After: {after}");
+    }
+    assert_eq!(stub.requests().len(), 2, "the refused capture reached the target");
+    // Another target has a budget of its own.
+    let answer = capture(&agent, "target=cart&seconds=1&format=folded").await.expect_ok("another target", FOLDED);
+    assert_eq!(answer.text(), "stub.main;stub.work 4\n");
 }
 
 /// Bytes that are neither gzip nor profile.proto.

@@ -168,7 +168,13 @@ async fn pprof_profile(
             }
             response
         }
-        Err(e) => api_error(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.to_string()),
+        Err(e) => {
+            let mut response = api_error(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), e.to_string());
+            if let profiling::ProfileError::TooMany { retry_after, .. } = &e {
+                response.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from(retry_after.as_secs().max(1)));
+            }
+            response
+        }
     }
 }
 

@@ -278,11 +278,14 @@ pub struct ServerConfig {
     pub listen: ListenAddr,
     /// Bearer token guarding `/debug/pprof/*` and state-changing endpoints.
     pub auth_token: String,
+    /// On-demand CPU profiles started per profiled process (the agent, each pprof target)
+    /// within a minute; further requests get 429 with `Retry-After`.
+    pub max_profiles_per_minute: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: ListenAddr::loopback(8686), auth_token: String::new() }
+        ServerConfig { listen: ListenAddr::loopback(8686), auth_token: String::new(), max_profiles_per_minute: 6 }
     }
 }
 
@@ -798,6 +801,9 @@ impl Config {
 
         if self.shutdown_timeout.is_zero() {
             err("shutdown_timeout", "must be greater than 0".into());
+        }
+        if self.server.max_profiles_per_minute == 0 {
+            err("server.max_profiles_per_minute", "must be greater than 0".into());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             err("log.level", format!("invalid filter `{}`: {e}", self.log.level));

@@ -4,14 +4,18 @@
 //!
 //! One capture of each profiled process runs at a time (a second request gets 409), captures
 //! last 1 to 300 seconds at 1 to 1000 Hz, and a capture of the agent stops when its client goes
-//! away. Access rules are the admin server's (see [`crate::admin`]).
+//! away. On demand, each profiled process may be captured `server.max_profiles_per_minute`
+//! times a minute; further requests get 429 with `Retry-After` — a loop of short captures
+//! would otherwise spend the node's CPU on starting, symbolizing and rendering profiles (or
+//! keep a service profiling without pause). Access rules are the admin server's (see
+//! [`crate::admin`]).
 
 pub mod profile;
 pub mod store;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::config::PprofTarget;
@@ -58,6 +62,8 @@ impl Format {
 pub enum ProfileError {
     #[error("{0}")]
     Busy(String),
+    #[error("{message}")]
+    TooMany { message: String, retry_after: Duration },
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -72,6 +78,7 @@ impl ProfileError {
     pub fn status(&self) -> u16 {
         match self {
             ProfileError::Busy(_) => 409,
+            ProfileError::TooMany { .. } => 429,
             ProfileError::BadRequest(_) => 400,
             ProfileError::UnknownTarget(_) => 404,
             ProfileError::Upstream(_) => 502,
@@ -86,26 +93,88 @@ pub struct Rendered {
     pub body: Vec<u8>,
 }
 
+/// How many captures of one process may start within a minute.
+struct Budget {
+    per_minute: usize,
+    starts: Mutex<VecDeque<Instant>>,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+impl Budget {
+    fn new(per_minute: usize) -> Budget {
+        Budget { per_minute: per_minute.max(1), starts: Mutex::new(VecDeque::new()) }
+    }
+
+    /// Counts a start now, or says how long until one is allowed.
+    fn take(&self, now: Instant) -> Result<(), Duration> {
+        let Ok(mut starts) = self.starts.lock() else { return Ok(()) };
+        while starts.front().is_some_and(|&t| now.duration_since(t) >= MINUTE) {
+            starts.pop_front();
+        }
+        if starts.len() >= self.per_minute {
+            let oldest = starts.front().copied().unwrap_or(now);
+            return Err(MINUTE.saturating_sub(now.duration_since(oldest)));
+        }
+        starts.push_back(now);
+        Ok(())
+    }
+
+    fn refuse(&self, what: &str, retry_after: Duration) -> ProfileError {
+        ProfileError::TooMany {
+            message: format!(
+                "{what} was profiled {} times in the last minute (server.max_profiles_per_minute); try again in {}s",
+                self.per_minute,
+                retry_after.as_secs().max(1)
+            ),
+            retry_after,
+        }
+    }
+}
+
+/// One profiled process: one capture at a time, within its budget.
+struct Gate {
+    busy: Arc<Semaphore>,
+    budget: Budget,
+}
+
+impl Gate {
+    fn new(per_minute: usize) -> Gate {
+        Gate { busy: Arc::new(Semaphore::new(1)), budget: Budget::new(per_minute) }
+    }
+
+    /// Admits an on-demand capture of `what`, held until the permit drops.
+    fn admit(&self, what: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ProfileError> {
+        let permit = self.lock(what)?;
+        self.budget.take(Instant::now()).map_err(|after| self.budget.refuse(what, after))?;
+        Ok(permit)
+    }
+
+    /// Admits a scheduled capture (continuous mode keeps to its own interval).
+    fn lock(&self, what: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ProfileError> {
+        self.busy
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProfileError::Busy(format!("a profile of {what} is already being captured; try again when it is done")))
+    }
+}
+
 #[derive(Clone)]
 pub struct Profiling {
-    own: Arc<Semaphore>,
-    targets: Arc<HashMap<String, (PprofTarget, Arc<Semaphore>)>>,
+    own: Arc<Gate>,
+    targets: Arc<HashMap<String, (PprofTarget, Arc<Gate>)>>,
     client: reqwest::Client,
 }
 
 impl Profiling {
-    pub fn new(targets: &[PprofTarget], client: reqwest::Client) -> Profiling {
-        let targets = targets.iter().map(|t| (t.name.clone(), (t.clone(), Arc::new(Semaphore::new(1))))).collect();
-        Profiling { own: Arc::new(Semaphore::new(1)), targets: Arc::new(targets), client }
+    pub fn new(targets: &[PprofTarget], client: reqwest::Client, per_minute: usize) -> Profiling {
+        let targets = targets.iter().map(|t| (t.name.clone(), (t.clone(), Arc::new(Gate::new(per_minute))))).collect();
+        Profiling { own: Arc::new(Gate::new(per_minute)), targets: Arc::new(targets), client }
     }
 
     /// Samples the agent for `seconds` at `frequency` Hz. Dropping the future stops the capture.
     pub async fn capture_self(&self, seconds: u64, frequency: u32, format: Format) -> Result<Rendered, ProfileError> {
-        let _permit = self
-            .own
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ProfileError::Busy("a profile of the agent is already being captured; try again when it is done".into()))?;
+        let _permit = self.own.admit("the agent")?;
         let (done_tx, done_rx) = oneshot::channel();
         let (cancel_tx, cancel_rx) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
@@ -128,20 +197,18 @@ impl Profiling {
             (None, Some((target, _))) => u64::from(target.seconds).clamp(1, MAX_SECONDS),
             (None, None) => DEFAULT_SECONDS,
         };
-        let (profile, body) = self.pull(name, seconds).await?;
+        let (profile, body) = self.pull(name, seconds, true).await?;
         render(&profile, Some(body), format, name)
     }
 
-    /// Pulls a profile and returns it decoded and as received.
-    async fn pull(&self, name: &str, seconds: u64) -> Result<(Profile, Vec<u8>), ProfileError> {
-        let Some((target, lock)) = self.targets.get(name) else {
+    /// Pulls a profile and returns it decoded and as received; `on_demand` ones count against
+    /// the target's budget.
+    async fn pull(&self, name: &str, seconds: u64, on_demand: bool) -> Result<(Profile, Vec<u8>), ProfileError> {
+        let Some((target, gate)) = self.targets.get(name) else {
             let known: Vec<&str> = self.targets.keys().map(String::as_str).collect();
             return Err(ProfileError::UnknownTarget(format!("no pprof target {name:?}; configured: {known:?}")));
         };
-        let _permit = lock
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ProfileError::Busy(format!("a profile of {name} is already being captured; try again when it is done")))?;
+        let _permit = if on_demand { gate.admit(name)? } else { gate.lock(name)? };
         let separator = if target.url.contains('?') { '&' } else { '?' };
         let url = format!("{}{separator}seconds={seconds}", target.url);
         let response = self
@@ -203,7 +270,7 @@ impl Profiling {
                     }
                     let started = SystemTime::now();
                     let pulled = tokio::select! {
-                        pulled = this.pull(&name, seconds) => pulled,
+                        pulled = this.pull(&name, seconds, false) => pulled,
                         _ = stop.cancelled() => return,
                     };
                     match pulled {
@@ -304,4 +371,32 @@ fn sample_self(seconds: u64, frequency: u32, cancel: std::sync::mpsc::Receiver<(
     let start_nanos = start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
     let duration = report.timing.duration.as_nanos() as i64;
     Ok(profile::from_stacks(&stacks, i64::from(frequency), start_nanos, duration))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_admits_so_many_starts_a_minute_and_says_when_the_next_is_due() {
+        let budget = Budget::new(2);
+        let t0 = Instant::now();
+        assert_eq!(budget.take(t0), Ok(()));
+        assert_eq!(budget.take(t0 + Duration::from_secs(10)), Ok(()));
+        assert_eq!(budget.take(t0 + Duration::from_secs(20)), Err(Duration::from_secs(40)));
+        // A minute after the first start, one more fits.
+        assert_eq!(budget.take(t0 + Duration::from_secs(60)), Ok(()));
+        assert_eq!(budget.take(t0 + Duration::from_secs(61)), Err(Duration::from_secs(9)));
+    }
+
+    #[test]
+    fn a_busy_refusal_uses_no_budget_and_an_exhausted_budget_answers_429() {
+        let gate = Gate::new(1);
+        let permit = gate.admit("x").unwrap();
+        assert!(matches!(gate.admit("x"), Err(ProfileError::Busy(_))), "one at a time");
+        drop(permit);
+        let refused = gate.admit("x").unwrap_err();
+        assert_eq!(refused.status(), 429);
+        assert!(refused.to_string().contains("server.max_profiles_per_minute"), "{refused}");
+    }
 }
