@@ -19,6 +19,13 @@ struct Cli {
 enum Command {
     /// Run the agent (the default).
     Run,
+    /// Run the agent plus a synthetic workload (services `feed` and `users`) sent to its own
+    /// OTLP receiver, with logs in <data_dir>/demo.
+    Demo {
+        /// Requests (traces) per second.
+        #[arg(long, default_value_t = periscope::demo::DEFAULT_RATE)]
+        rate: u32,
+    },
     /// Check a config file; errors name the key and line. Exit code 1 on error.
     Validate,
     /// Print the effective config, defaults filled in, as YAML.
@@ -50,11 +57,21 @@ fn main() -> ExitCode {
             print!("{}", config.to_yaml());
             ExitCode::SUCCESS
         }
-        Command::Run => run(config),
+        Command::Run => run(config, None),
+        Command::Demo { rate } => {
+            let mut config = config;
+            match periscope::demo::prepare(&mut config, rate) {
+                Ok(setup) => run(config, Some(setup)),
+                Err(e) => {
+                    eprintln!("periscope demo: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, demo: Option<periscope::demo::Setup>) -> ExitCode {
     periscope::telemetry::logging::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("periscope").build() {
         Ok(runtime) => runtime,
@@ -63,7 +80,16 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(periscope::app::run(config, shutdown_signal())) {
+    let workload = tokio_util::sync::CancellationToken::new();
+    if let Some(setup) = demo {
+        runtime.spawn(periscope::demo::run(setup, workload.clone()));
+    }
+    let shutdown = async move {
+        shutdown_signal().await;
+        // The workload stops first, so the agent's flush has nothing more coming.
+        workload.cancel();
+    };
+    match runtime.block_on(periscope::app::run(config, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
