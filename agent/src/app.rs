@@ -126,6 +126,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         profiling: Some(profiling.clone()),
         profiles: profiles.clone(),
         access: admin::Access { token: config.server.auth_token.clone(), loopback: config.server.listen.0.ip().is_loopback() },
+        node: node_name.clone(),
+        started: std::time::Instant::now(),
     });
     let admin_task = {
         let stop = stop_admin.clone();

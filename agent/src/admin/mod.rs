@@ -1,5 +1,6 @@
-//! The admin server: health, readiness, self-metrics, the execution-path API and CPU
-//! profiles. It reads shared state and owns no data.
+//! The admin server: health, readiness, self-metrics, the pipelines' status, the
+//! execution-path API, CPU profiles and the web UI at `/` (one page, [`ui.html`], that reads
+//! these same endpoints). It reads shared state and owns no data.
 //!
 //! `/debug/pprof/*` is guarded: with `server.auth_token` set it needs
 //! `Authorization: Bearer <token>` (401 otherwise); without a token it is served only on a
@@ -11,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
+
+pub mod status;
 
 use crate::paths::{Paths, Rendered, TreeFormat};
 use crate::profiling::{self, Profiling};
@@ -27,6 +30,25 @@ pub struct AdminState {
     /// Profiles kept from continuous capture.
     pub profiles: Option<std::sync::Arc<profiling::store::ProfileStore>>,
     pub access: Access,
+    /// The node name the agent reports.
+    pub node: String,
+    pub started: std::time::Instant,
+}
+
+impl AdminState {
+    /// The state of an agent with none of the optional parts (tests of single routes).
+    pub fn new(metrics: Metrics, readiness: Readiness) -> AdminState {
+        AdminState {
+            metrics,
+            readiness,
+            paths: None,
+            profiling: None,
+            profiles: None,
+            access: Access::default(),
+            node: String::new(),
+            started: std::time::Instant::now(),
+        }
+    }
 }
 
 /// Who may use the guarded endpoints.
@@ -73,6 +95,8 @@ impl Access {
 /// The admin router, without a socket.
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(ui))
+        .route("/api/v1/status", get(status_json))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -178,6 +202,21 @@ async fn pprof_profile(
     }
 }
 
+/// The web UI: one self-contained page (no external assets) that polls the JSON endpoints.
+const UI: &str = include_str!("ui.html");
+
+async fn ui() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], UI).into_response()
+}
+
+async fn status_json(State(state): State<AdminState>) -> Response {
+    let uptime = state.started.elapsed().as_secs_f64();
+    match status::status(&state.metrics, &state.readiness, &state.node, uptime) {
+        Ok(status) => Json(status).into_response(),
+        Err(message) => api_error(StatusCode::INTERNAL_SERVER_ERROR, message),
+    }
+}
+
 /// An API error: the status and a JSON body `{"error": "..."}`.
 fn api_error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
@@ -276,7 +315,7 @@ mod tests {
 
     #[tokio::test]
     async fn readyz_lists_components_until_all_have_started() {
-        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None, profiling: None, profiles: None, access: Access::default() };
+        let state = AdminState::new(Metrics::new(), Readiness::default());
         let grpc = state.readiness.register("sources.otlp.grpc");
         let router = router(state);
         assert_eq!(get(&router, "/healthz").await.0, StatusCode::OK);
@@ -290,12 +329,8 @@ mod tests {
     #[tokio::test]
     async fn profiles_need_the_token_or_a_loopback_listener() {
         let state = |token: &str, loopback: bool| AdminState {
-            metrics: Metrics::new(),
-            readiness: Readiness::default(),
-            paths: None,
-            profiling: None,
-            profiles: None,
             access: Access { token: token.into(), loopback },
+            ..AdminState::new(Metrics::new(), Readiness::default())
         };
         let (status, body) = get(&router(state("", false)), "/debug/pprof/profile?seconds=1").await;
         assert_eq!(status, StatusCode::FORBIDDEN);
@@ -308,7 +343,7 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_are_exposed() {
-        let state = AdminState { metrics: Metrics::new(), readiness: Readiness::default(), paths: None, profiling: None, profiles: None, access: Access::default() };
+        let state = AdminState::new(Metrics::new(), Readiness::default());
         let router = router(state);
         let (status, body) = get(&router, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
