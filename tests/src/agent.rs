@@ -214,6 +214,16 @@ impl Agent {
 
     /// [`Agent::start`] with extra environment variables for the process.
     pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Agent {
+        Agent::start_command(&["run"], yaml, env).await
+    }
+
+    /// `periscope demo --rate RATE` on `yaml`, once ready.
+    pub async fn start_demo(yaml: &str, rate: u32) -> Agent {
+        Agent::start_command(&["demo", "--rate", &rate.to_string()], yaml, &[]).await
+    }
+
+    /// `periscope ARGS --config FILE` on `yaml`, with extra environment variables, once ready.
+    async fn start_command(args: &[&str], yaml: &str, env: &[(&str, &str)]) -> Agent {
         let admin = admin_address(yaml)
             .unwrap_or_else(|| panic!("the test config has no `server: {{ listen: ADDR }}`:\n{yaml}"));
         let dir =
@@ -225,7 +235,7 @@ impl Agent {
 
         let mut command = Command::new(periscope_bin());
         command
-            .arg("run")
+            .args(args)
             .arg("--config")
             .arg(&config)
             .current_dir(dir.path())
