@@ -285,6 +285,7 @@ impl Trace<'_> {
         (median_ms * MS * (sigma * z).exp()).clamp(0.01 * MS, 5_000.0 * MS) as u64
     }
 
+    /// A span with a new id (for spans made before their children).
     #[allow(clippy::too_many_arguments)]
     fn span(
         &mut self,
@@ -298,6 +299,24 @@ impl Trace<'_> {
         error: Option<&str>,
     ) -> [u8; 8] {
         let id = self.span_id();
+        self.push(users, id, parent, name, kind, start, end, attributes, error);
+        id
+    }
+
+    /// A span with the id `id` (for spans made after their children, who needed it).
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        users: bool,
+        id: [u8; 8],
+        parent: Option<[u8; 8]>,
+        name: &str,
+        kind: SpanKind,
+        start: u64,
+        end: u64,
+        attributes: Vec<KeyValue>,
+        error: Option<&str>,
+    ) {
         let span = Span {
             trace_id: self.id.to_vec(),
             span_id: id.to_vec(),
@@ -315,7 +334,6 @@ impl Trace<'_> {
         } else {
             self.feed.push(span);
         }
-        id
     }
 
     /// A client call of `name` taking about `median_ms`; returns its end.
@@ -428,17 +446,7 @@ impl Workload {
             };
             at += 30_000;
             let error = (status_code >= 500).then_some("internal error");
-            trace.feed.push(Span {
-                trace_id: trace.id.to_vec(),
-                span_id: handler.to_vec(),
-                parent_span_id: server.to_vec(),
-                name: name.into(),
-                kind: SpanKind::Internal as i32,
-                start_time_unix_nano: start,
-                end_time_unix_nano: at,
-                status: error.map(|message| Status { code: status::StatusCode::Error as i32, message: message.into() }),
-                ..Default::default()
-            });
+            trace.push(false, handler, Some(server), name, SpanKind::Internal, start, at, vec![], error);
         }
         at += 40_000;
         let attributes = vec![
@@ -448,18 +456,7 @@ impl Workload {
             kv_int("http.response.status_code", i64::from(status_code)),
         ];
         let error = (status_code >= 500).then_some("HTTP 500");
-        let root = Span {
-            trace_id: trace.id.to_vec(),
-            span_id: server.to_vec(),
-            name: format!("{method} {path}"),
-            kind: SpanKind::Server as i32,
-            start_time_unix_nano: 0,
-            end_time_unix_nano: at,
-            attributes,
-            status: error.map(|message| Status { code: status::StatusCode::Error as i32, message: message.into() }),
-            ..Default::default()
-        };
-        trace.feed.push(root);
+        trace.push(false, server, None, &format!("{method} {path}"), SpanKind::Server, 0, at, attributes, error);
         // The timeline ran from 0: move it so the request ends at `end`.
         let offset = end.saturating_sub(at);
         let (mut feed, mut users) = (std::mem::take(&mut trace.feed), std::mem::take(&mut trace.users));
@@ -553,29 +550,9 @@ fn users_call(trace: &mut Trace<'_>, parent: [u8; 8], at: u64) -> u64 {
     let server_end = query_end + 80_000;
     let end = server_end + 250_000;
     let attributes = vec![kv("http.request.method", "GET"), kv("http.route", "/users/{id}"), kv_int("http.response.status_code", 200)];
-    trace.users.push(Span {
-        trace_id: trace.id.to_vec(),
-        span_id: server.to_vec(),
-        parent_span_id: client.to_vec(),
-        name: "GET /users/{id}".into(),
-        kind: SpanKind::Server as i32,
-        start_time_unix_nano: server_start,
-        end_time_unix_nano: server_end,
-        attributes,
-        ..Default::default()
-    });
+    trace.push(true, server, Some(client), "GET /users/{id}", SpanKind::Server, server_start, server_end, attributes, None);
     let attributes = vec![kv("http.request.method", "GET"), kv("peer.service", "users"), kv("server.address", "users")];
-    trace.feed.push(Span {
-        trace_id: trace.id.to_vec(),
-        span_id: client.to_vec(),
-        parent_span_id: parent.to_vec(),
-        name: "GET users".into(),
-        kind: SpanKind::Client as i32,
-        start_time_unix_nano: at,
-        end_time_unix_nano: end,
-        attributes,
-        ..Default::default()
-    });
+    trace.push(false, client, Some(parent), "GET users", SpanKind::Client, at, end, attributes, None);
     end
 }
 

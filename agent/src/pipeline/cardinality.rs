@@ -80,9 +80,7 @@ impl SeriesLimit {
             let base = attributes_hash(&self.hasher, resource.resource.as_ref().map_or(&[][..], |r| &r.attributes));
             for scope in &mut resource.scope_metrics {
                 for metric in &mut scope.metrics {
-                    let mut h = self.hasher.build_hasher();
-                    metric.name.hash(&mut h);
-                    let named = base ^ h.finish();
+                    let named = base ^ self.hasher.hash_one(&metric.name);
                     let mut admit = |attributes: &[KeyValue]| {
                         let key = named.wrapping_add(attributes_hash(&self.hasher, attributes).rotate_left(17));
                         if let Some(seen) = state.seen.get_mut(&key) {
