@@ -126,12 +126,13 @@ fn err<T>(line: usize, message: impl Into<String>) -> Result<T, ParseError> {
 /// Parses a whole body.
 pub fn parse(body: &str, format: Format) -> Result<Exposition<'_>, ParseError> {
     let mut out = Exposition::default();
-    // About one sample per line and a few labels each: grow once, not line by line.
-    let lines = body.bytes().filter(|&b| b == b'\n').count();
-    out.samples.reserve(lines);
-    out.labels.reserve(lines * 3);
+    // At most one sample per line, and at most one label per '=': sized once, in one pass,
+    // rather than grown (and copied) as the body is read.
+    let (lines, equals) = body.bytes().fold((0usize, 0usize), |(lines, equals), b| (lines + usize::from(b == b'\n'), equals + usize::from(b == b'=')));
+    out.samples.reserve(lines + 1);
+    out.labels.reserve(equals);
     let hasher = RandomState::with_seeds(1, 2, 3, 4);
-    let mut seen: HashSet<u64, ahash::RandomState> = HashSet::with_capacity_and_hasher(1024, RandomState::new());
+    let mut seen: HashSet<u64, ahash::RandomState> = HashSet::with_capacity_and_hasher(lines + 1, RandomState::new());
     let mut seen_families: HashSet<&str> = HashSet::new();
     let mut current: Option<Family<'_>> = None;
     let mut eof = false;
