@@ -53,6 +53,7 @@ where
     F: Future<Output = Result<(), String>> + Send + 'static,
 {
     let ready = readiness.register(name);
+    metrics.task_started(name);
     let metrics = metrics.clone();
     let inner = tokio::spawn(future);
     ready.ready();

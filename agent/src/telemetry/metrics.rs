@@ -222,6 +222,7 @@ impl Metrics {
             "Failed scrapes by target and reason (connect, timeout, http_status, too_large, parse)",
             families.scrape_failures.clone(),
         );
+        registry.register_collector(Box::new(super::process::ProcessCollector));
         Metrics { registry: Arc::new(registry), families }
     }
 
@@ -296,6 +297,12 @@ impl Metrics {
     /// A drop counter for a component that only ever drops (a pipeline with nowhere to send).
     pub fn drops(&self, component: &str, signal: Signal) -> Drops {
         Drops { component: component.to_owned(), signal, families: self.families.clone() }
+    }
+
+    /// Shows a supervised task's failure counter at 0 from its start, so that dashboards and
+    /// alerts see the series before anything fails.
+    pub fn task_started(&self, task: &str) {
+        let _ = self.families.task_failures.get_or_create(&TaskLabels { task: task.to_owned() });
     }
 
     pub fn task_failed(&self, task: &str) {

@@ -3,6 +3,7 @@
 pub mod exposition;
 pub mod logging;
 pub mod metrics;
+pub mod process;
 pub mod readiness;
 
 pub use metrics::{ComponentMetrics, Drops, FileMetrics, Metrics, PathsMetrics, ReceiverMetrics, Responses, ScrapeMetrics};
