@@ -267,9 +267,12 @@ impl HostMetrics {
         }
     }
 
-    /// `/proc/net/dev`.
+    /// `/proc/1/net/dev`: the network of the host's init, so that an agent in a pod without
+    /// the host's network (a DaemonSet reading `/host/proc`) reports the node's interfaces,
+    /// not its own pod's, which `proc/net/dev` (through `proc/self`) would give. Falls back to
+    /// `proc/net/dev` where pid 1 is hidden.
     fn network(&self, c: &mut Collected) {
-        let Some(text) = self.read("proc/net/dev") else { return };
+        let Some(text) = self.read("proc/1/net/dev").or_else(|| self.read("proc/net/dev")) else { return };
         const RECEIVE: [&str; 8] = ["bytes", "packets", "errs", "drop", "fifo", "frame", "compressed", "multicast"];
         const TRANSMIT: [&str; 8] = ["bytes", "packets", "errs", "drop", "fifo", "colls", "carrier", "compressed"];
         for line in text.lines().skip(2) {
@@ -417,6 +420,21 @@ mod tests {
         assert!(!all.iter().any(|(_, l, _)| l.iter().any(|(_, v)| v == "sda1")), "partitions are left out");
         assert_eq!(find(&all, "node_network_transmit_bytes_total", &[("device", "eth0")]), 2000.0);
         assert_eq!(find(&all, "node_network_transmit_errs_total", &[("device", "eth0")]), 1.0);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn network_devices_are_the_hosts_not_the_pods() {
+        let root = std::env::temp_dir().join(format!("periscope-host-netns-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("proc/1/net")).unwrap();
+        // proc/net is the reading process's own network (a pod's); proc/1/net the host's.
+        std::fs::create_dir_all(root.join("proc/net")).unwrap();
+        std::fs::write(root.join("proc/net/dev"), "Inter-| head\n face | head\n  eth0: 1 1 0 0 0 0 0 0 1 1 0 0 0 0 0 0\n").unwrap();
+        std::fs::write(root.join("proc/1/net/dev"), "Inter-| head\n face | head\n  ens5: 7000 70 0 0 0 0 0 0 9000 90 0 0 0 0 0 0\n").unwrap();
+        let all = values(&HostMetrics::new(&root, "n1".into()).collect());
+        assert_eq!(find(&all, "node_network_receive_bytes_total", &[("device", "ens5")]), 7000.0);
+        assert!(!all.iter().any(|(_, l, _)| l.iter().any(|(_, v)| v == "eth0")), "the pod's interface is not the node's");
         std::fs::remove_dir_all(root).unwrap();
     }
 

@@ -578,6 +578,49 @@ mod tests {
         }
     }
 
+    /// Pieces of the exposition grammar, so that random bodies reach deep into the parser.
+    fn token_soup() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let token = prop_oneof![
+            Just("a"), Just("a_total"), Just("a_bucket"), Just("a_sum"), Just("a_count"), Just("a_created"), Just("{"),
+            Just("}"), Just("="), Just("\""), Just("\\"), Just(","), Just(" "), Just("\t"), Just("\n"), Just("\r"),
+            Just("# TYPE a counter\n"), Just("# TYPE a histogram\n"), Just("# TYPE a summary\n"), Just("# HELP a x\\n\n"),
+            Just("# UNIT a s\n"), Just("# EOF"), Just("#"), Just("le"), Just("quantile"), Just("1"), Just("-1.5e3"),
+            Just("NaN"), Just("+Inf"), Just("1e400"), Just("123456789012345678901234567890"), Just("é"), Just(" # {t=\"1\"} 2 3"),
+        ];
+        proptest::collection::vec(token, 0..80).prop_map(|t| t.concat())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Whatever a target sends, the parser gives a parse or an error with a line in the
+        /// body, never a panic.
+        #[test]
+        fn any_body_parses_or_is_refused_with_its_line(body in token_soup(), openmetrics in proptest::bool::ANY) {
+            let format = if openmetrics { Format::OpenMetrics } else { Format::Text };
+            match parse(&body, format) {
+                Ok(e) => {
+                    // Every sample is in exactly one family, in order.
+                    let covered: usize = e.families.iter().map(|f| f.samples.len()).sum();
+                    proptest::prop_assert_eq!(covered, e.samples.len());
+                }
+                Err(error) => proptest::prop_assert!(error.line >= 1 && error.line <= body.split('\n').count() + 1, "{error} in {body:?}"),
+            }
+        }
+
+        #[test]
+        fn any_value_text_is_read_like_the_standard_parser(text in "[-+]?[0-9]{0,20}(\\.[0-9]{0,20})?([eE][-+]?[0-9]{0,4})?") {
+            let fast = parse_value_bytes(text.as_bytes());
+            let standard = parse_value(&text);
+            let same = match (fast, standard) {
+                (Some(a), Some(b)) => a.to_bits() == b.to_bits(),
+                (None, None) => true,
+                _ => false,
+            };
+            proptest::prop_assert!(same, "{text:?}: fast {fast:?}, standard {standard:?}");
+        }
+    }
+
     #[test]
     fn the_fast_value_path_agrees_with_the_standard_parser() {
         let mut cases: Vec<String> = [

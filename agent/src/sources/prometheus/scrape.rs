@@ -728,6 +728,131 @@ mod tests {
         assert!(template.read(b"# TYPE a counter\na_total 7\nb{x=\"1\"} 8\n", Format::OpenMetrics).is_none());
     }
 
+    /// What a reading says, comparable: every series' labels with its value (bits, so NaN
+    /// equals NaN) and timestamp, and the exemplars.
+    fn observed(reading: &Reading) -> (Vec<(Vec<(String, String)>, u64, i64)>, usize, Vec<(u32, String)>) {
+        let series = (0..reading.table.len())
+            .map(|i| {
+                let labels = reading.table.labels(i).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+                let time = reading.timestamps.get(i).copied().unwrap_or(0);
+                (labels, reading.values[i].to_bits(), time)
+            })
+            .collect();
+        let exemplars = reading.exemplars.iter().map(|(i, e)| (*i, format!("{:?} {} {:?}", e.labels, e.value, e.timestamp))).collect();
+        (series, reading.samples, exemplars)
+    }
+
+    /// Exposition lines a target might write, and edits a next scrape might make to them.
+    fn exposition() -> impl proptest::strategy::Strategy<Value = (Vec<String>, Vec<(usize, String)>, bool)> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            Just("0".to_owned()),
+            Just("NaN".to_owned()),
+            Just("+Inf".to_owned()),
+            Just("-Inf".to_owned()),
+            (-1e9f64..1e9).prop_map(|v| format!("{v}")),
+            (0u64..u64::MAX).prop_map(|v| format!("{v}")),
+            (-1e6f64..1e6).prop_map(|v| format!("{v:e}")),
+        ];
+        let line = (0usize..4, "[a-c]{1,2}", "[ -~]{0,6}", value.clone(), proptest::option::of(0i64..2_000_000_000_000)).prop_map(
+            |(family, label, label_value, value, ts)| -> (usize, String) {
+                let escaped = label_value.replace('\\', "\\\\").replace('"', "\\\"");
+                let ts = ts.map(|t| format!(" {t}")).unwrap_or_default();
+                let line = match family {
+                    0 => format!("requests_total{{path=\"{escaped}\",{label}=\"x\"}} {value}{ts}"),
+                    1 => format!("temperature{{room=\"{label}\"}} {value}"),
+                    2 => format!("latency_bucket{{le=\"{label}\"}} {value}"),
+                    _ => format!("up_{label} {value}"),
+                };
+                (family, line)
+            },
+        );
+        // A family's samples together, each series once: an exposition that parses.
+        let lines = proptest::collection::vec(line, 0..30).prop_map(|mut lines| {
+            lines.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            let mut seen = std::collections::HashSet::new();
+            let mut kept = Vec::new();
+            for (_, line) in lines {
+                // The series: through the closing brace (values and timestamps hold none), or
+                // the name alone.
+                let series = match line.rfind('}') {
+                    Some(end) => line[..=end].to_owned(),
+                    None => line.split(' ').next().unwrap_or("").to_owned(),
+                };
+                if seen.insert(series) {
+                    kept.push(line);
+                }
+            }
+            kept
+        });
+        // An edit: (line, replacement); the replacement is a new value, a touched series, or noise.
+        let edit = (0usize..40, prop_oneof![
+            value.prop_map(|v| format!("=value {v}")),
+            "[ -~]{0,12}".prop_map(|t| format!("=line {t}")),
+            Just("=drop".to_owned()),
+            Just("=crlf".to_owned()),
+            Just("=tab".to_owned()),
+        ]);
+        (lines, proptest::collection::vec(edit, 0..4), proptest::bool::ANY)
+    }
+
+    fn apply_edits(lines: &[String], edits: &[(usize, String)]) -> String {
+        let mut lines: Vec<String> = lines.to_vec();
+        for (at, edit) in edits {
+            if lines.is_empty() {
+                break;
+            }
+            let at = at % lines.len();
+            if let Some(v) = edit.strip_prefix("=value ") {
+                let series_end = lines[at].rfind('}').map_or_else(|| lines[at].find(' ').unwrap_or(0), |i| i + 1);
+                lines[at] = format!("{} {v}", &lines[at][..series_end]);
+            } else if let Some(t) = edit.strip_prefix("=line ") {
+                lines[at] = t.to_owned();
+            } else if edit == "=drop" {
+                lines.remove(at);
+            } else if edit == "=crlf" {
+                lines[at].push('\r');
+            } else {
+                lines[at] = lines[at].replacen(' ', "\t", 1);
+            }
+        }
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(400))]
+        /// The fast read of an unchanged exposition must say exactly what the full parse says,
+        /// whatever the next scrape changed, or step aside for it.
+        #[test]
+        fn a_template_read_agrees_with_the_full_parse_or_steps_aside((lines, edits, openmetrics) in exposition()) {
+            let format = if openmetrics { Format::OpenMetrics } else { Format::Text };
+            let eof = if openmetrics { "# EOF\n" } else { "" };
+            let first = apply_edits(&lines, &[]) + eof;
+            let second = apply_edits(&lines, &edits) + eof;
+            let mut reused = target("http://127.0.0.1:1/metrics");
+            if let Err(e) = reused.read(first.as_bytes(), format) {
+                proptest::prop_assert!(false, "the generated exposition does not parse ({e}): {first:?}");
+            }
+            let mut fresh = target("http://127.0.0.1:1/metrics");
+            let by_template = reused.template.as_ref().and_then(|t| t.read(second.as_bytes(), format));
+            let in_full = fresh.read(second.as_bytes(), format);
+            match (by_template, in_full) {
+                (Some(fast), Ok(full)) => proptest::prop_assert_eq!(observed(&fast), observed(&full), "{:?}", second),
+                (Some(_), Err(e)) => proptest::prop_assert!(false, "the template read a body the parser refuses ({e}): {second:?}"),
+                (None, _) => {}
+            }
+        }
+
+        /// Whatever a target sends, a scrape ends with a reading or an error.
+        #[test]
+        fn any_body_is_read_or_refused(body in proptest::collection::vec(proptest::num::u8::ANY, 0..300), openmetrics in proptest::bool::ANY) {
+            let format = if openmetrics { Format::OpenMetrics } else { Format::Text };
+            let mut t = target("http://127.0.0.1:1/metrics");
+            let _ = t.read(&body, format);
+            let _ = t.read(&body, format);
+        }
+    }
+
     #[test]
     fn instances_are_host_and_port() {
         assert_eq!(instance_of("http://127.0.0.1:9100/metrics"), "127.0.0.1:9100");
