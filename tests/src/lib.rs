@@ -25,6 +25,7 @@ pub mod kubernetes;
 pub mod loki;
 pub mod otlp;
 pub mod prometheus;
+pub mod python;
 pub mod spans;
 pub mod tls;
 

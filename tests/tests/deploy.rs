@@ -37,45 +37,12 @@ fn kubernetes_dir() -> PathBuf {
 // Python: kubernetes-validate, and PyYAML to read YAML
 // ---------------------------------------------------------------------------------------
 
-/// Where the suite keeps Python packages it installs (inside the build directory).
-fn python_packages() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repository().join("target"));
-    target.join("e2e-python")
-}
-
-/// Makes `kubernetes_validate` (and the PyYAML it depends on) importable from
-/// [`python_packages`], installing it with pip the first time; once per test process, so
-/// that tests running in parallel do not install into the same folder at once.
+/// Makes `kubernetes_validate` (and the PyYAML it depends on) importable, installing it
+/// with pip the first time; once per test process, so that tests running in parallel do not
+/// install into the same folder at once.
 fn ensure_kubernetes_validate() -> &'static Path {
     static INSTALLED: OnceLock<PathBuf> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        let dir = python_packages();
-        let importable = || {
-            Command::new("python3")
-                .args(["-c", "import kubernetes_validate, yaml"])
-                .env("PYTHONPATH", &dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !importable() {
-            let output = Command::new("python3")
-                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-script-location"])
-                .arg("--target")
-                .arg(&dir)
-                .arg("kubernetes-validate")
-                .output()
-                .expect("cannot run python3 -m pip (Python 3 with pip is needed for this test)");
-            assert!(
-                output.status.success() && importable(),
-                "pip could not install kubernetes-validate into {}: {}",
-                dir.display(),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        dir
-    })
+    INSTALLED.get_or_init(|| periscope_e2e::python::ensure("kubernetes_validate, yaml", "kubernetes-validate"))
 }
 
 fn python() -> Command {

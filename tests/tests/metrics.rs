@@ -704,43 +704,9 @@ async fn delta_exponential_histograms_accumulate_on_both_exporters() {
 // Python's prometheus_client as a target
 // ---------------------------------------------------------------------------------------
 
-/// Where the suite keeps Python packages it installs (inside the build directory).
-fn python_packages() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
-    target.join("e2e-python")
-}
-
-/// Makes `prometheus_client` importable from [`python_packages`], installing it with pip
-/// when it is not there yet.
+/// Makes `prometheus_client` importable, installing it with pip when it is not there yet.
 fn ensure_prometheus_client() -> PathBuf {
-    let dir = python_packages();
-    let importable = || {
-        Command::new("python3")
-            .args(["-c", "import prometheus_client"])
-            .env("PYTHONPATH", &dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if importable() {
-        return dir;
-    }
-    let output = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-script-location"])
-        .arg("--target")
-        .arg(&dir)
-        .arg("prometheus_client")
-        .output()
-        .expect("cannot run python3 -m pip (Python 3 with pip is needed for this test)");
-    assert!(
-        output.status.success() && importable(),
-        "pip could not install prometheus_client into {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    dir
+    periscope_e2e::python::ensure("prometheus_client", "prometheus_client")
 }
 
 /// A child process killed when dropped.
